@@ -1,0 +1,15 @@
+"""interp: capture, analyse and intervene on transformer LMs, VLMs and diffusion LMs.
+
+    import interp
+    model = interp.load("smollm2")
+    trace = interp.capture(model, "The capital of France is", sites="blocks.*.attn.pattern")
+"""
+from .capture import Entropy, KeyMass, Reducer, RoleMass, TopK, capture
+from .errors import InterpError
+from .model import Model, load
+from .roles import Batch, Roles
+from .trace import Trace
+
+__version__ = "0.1.0"
+__all__ = ["load", "Model", "capture", "Trace", "Roles", "Batch", "Reducer", "KeyMass", "RoleMass",
+           "Entropy", "TopK", "InterpError", "__version__"]

@@ -1,0 +1,142 @@
+"""Model adapters: the one place that knows where things live in each architecture family.
+
+An adapter answers, for one loaded HF model: which modules are the decoder layers, the attention
+modules, the MLPs, the final norm and the unembedding; the layer/head geometry; and whether the
+language model attends causally. Everything else in interp (capture, patching, probes) asks the
+adapter and never inspects architectures itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import InterpError
+
+
+@dataclass
+class Adapter:
+    """Where the pieces of one model are. Built by :func:`adapter_for`."""
+
+    family: str
+    lm: nn.Module  # the module whose forward takes input_ids/inputs_embeds (the text decoder stack)
+    layers: list[nn.Module]  # decoder blocks, in order
+    attn: list[nn.Module]  # self-attention module of each block (routes through the attention interface)
+    mlp: list[nn.Module]  # MLP of each block
+    embed: nn.Module  # token embedding
+    final_norm: nn.Module
+    unembed: nn.Module  # lm_head (Linear, may be tied)
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_model: int
+    vocab_size: int
+    max_positions: int | None
+    causal: bool = True
+    image_token_id: int | None = None  # VLMs: the placeholder token spliced with image features
+    mask_token_id: int | None = None  # masked-diffusion LMs
+    extra: dict = field(default_factory=dict)
+
+    def final_norm_apply(self, h: torch.Tensor) -> torch.Tensor:
+        return self.final_norm(h)
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _llama_like(model: nn.Module, family: str) -> Adapter:
+    base = model.model if hasattr(model, "model") else model
+    # VLMs (LLaVA-style): model.model.language_model is the decoder stack.
+    lm = getattr(base, "language_model", base)
+    cfg = _text_config(model.config)
+    layers = list(lm.layers)
+    n_heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    return Adapter(
+        family=family,
+        lm=lm,
+        layers=layers,
+        attn=[layer.self_attn for layer in layers],
+        mlp=[layer.mlp for layer in layers],
+        embed=lm.embed_tokens,
+        final_norm=lm.norm,
+        unembed=model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model.lm_head,
+        n_layers=len(layers),
+        n_heads=n_heads,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
+        head_dim=head_dim,
+        d_model=cfg.hidden_size,
+        vocab_size=cfg.vocab_size,
+        max_positions=getattr(cfg, "max_position_embeddings", None),
+        causal=getattr(cfg, "is_causal", True) is not False,
+    )
+
+
+def _gpt2(model: nn.Module, family: str) -> Adapter:
+    tr = model.transformer
+    cfg = model.config
+    layers = list(tr.h)
+    return Adapter(
+        family=family,
+        lm=tr,
+        layers=layers,
+        attn=[b.attn for b in layers],
+        mlp=[b.mlp for b in layers],
+        embed=tr.wte,
+        final_norm=tr.ln_f,
+        unembed=model.lm_head,
+        n_layers=len(layers),
+        n_heads=cfg.n_head,
+        n_kv_heads=cfg.n_head,
+        head_dim=cfg.n_embd // cfg.n_head,
+        d_model=cfg.n_embd,
+        vocab_size=cfg.vocab_size,
+        max_positions=cfg.n_positions,
+    )
+
+
+def _llava(model: nn.Module, family: str) -> Adapter:
+    ad = _llama_like(model, family)
+    cfg = model.config
+    ad.image_token_id = getattr(cfg, "image_token_id", None)
+    if ad.image_token_id is None:
+        ad.image_token_id = getattr(cfg, "image_token_index", None)
+    return ad
+
+
+# model_type -> (family, builder). Llama-like families share one builder: same module names.
+FAMILIES: dict[str, tuple[str, Callable[[nn.Module, str], Adapter]]] = {
+    "llama": ("llama", _llama_like),
+    "mistral": ("llama", _llama_like),
+    "qwen2": ("qwen2", _llama_like),
+    "qwen3": ("qwen3", _llama_like),
+    "gemma2": ("gemma", _llama_like),
+    "gemma3_text": ("gemma", _llama_like),
+    "gemma": ("gemma", _llama_like),
+    "phi3": ("llama", _llama_like),
+    "gpt2": ("gpt2", _gpt2),
+    "llava": ("llava", _llava),
+    "llava_next": ("llava", _llava),
+    "llava_onevision": ("llava", _llava),
+}
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """Build the adapter for an HF model, or raise a clear error naming the supported families."""
+    mtype = getattr(model.config, "model_type", None)
+    if mtype not in FAMILIES:
+        raise InterpError(
+            f"unsupported architecture {mtype!r}: interp has adapters for "
+            f"{', '.join(sorted(FAMILIES))}. Add one in interp/adapters.py (a dozen lines: where the "
+            "decoder layers, attention, MLP, final norm and unembedding live)."
+        )
+    family, build = FAMILIES[mtype]
+    ad = build(model, family)
+    for i, a in enumerate(ad.attn):
+        if getattr(a, "layer_idx", None) is None:
+            a.layer_idx = i
+    return ad

@@ -1,0 +1,347 @@
+"""``interp.capture``: run a model once and keep what was asked for, exactly as the model computed it.
+
+Sites (TransformerLens-style names): ``embed``, ``blocks.{l}.resid_pre``, ``blocks.{l}.attn.logits``
+[b,h,q,k], ``blocks.{l}.attn.pattern`` [b,h,q,k], ``blocks.{l}.attn.z`` [b,q,h,d] (per-head output
+before the output projection), ``blocks.{l}.attn.out``, ``blocks.{l}.mlp.out``,
+``blocks.{l}.resid_post``, ``final`` (after the final norm), ``logits``. Select them by exact name,
+glob (``blocks.*.attn.pattern``) or a callable on the name.
+
+Reducers fold each layer's attention weights while they are computed (in query chunks), so a
+capture of statistics keeps memory linear in sequence length:
+
+* ``KeyMass``   ``attn.key_mass`` [b,h,k] = Σ_q A[q,k] over real queries; ``attn.key_mean`` = that sum
+  divided by the number of real queries that can see k (the sink importance α_k of Gu et al. 2025).
+* ``RoleMass(role)`` ``attn.role_mass.{role}`` [b,h,q] = Σ_{k∈role} A[q,k].
+* ``Entropy``   ``attn.entropy`` [b,h,q] = −Σ_k A log A, and ``attn.entropy_norm`` = that / log(#visible keys).
+* ``TopK(k)``   ``attn.topk_val`` / ``attn.topk_idx`` [b,h,q,k].
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .engine import AttnCall, entropy
+from .errors import InterpError
+from .roles import Batch
+from .trace import Trace, split_site
+
+ATTN_KINDS = ("attn.logits", "attn.pattern", "attn.z")
+RESID_KINDS = ("resid_pre", "attn.out", "mlp.out", "resid_post")
+GLOBAL_SITES = ("embed", "final", "logits")
+
+
+def site_names(n_layers: int) -> list[str]:
+    names = ["embed"]
+    for l in range(n_layers):
+        names += [f"blocks.{l}.{k}" for k in ("resid_pre",) + ATTN_KINDS + ("attn.out", "mlp.out", "resid_post")]
+    return names + ["final", "logits"]
+
+
+def resolve_sites(model, sites, layers: Iterable[int] | None = None) -> list[str]:
+    """Expand names / globs / a callable into concrete site names, with clear errors."""
+    all_names = site_names(model.n_layers)
+    if sites is None:
+        return []
+    if isinstance(sites, str) or callable(sites):
+        sites = [sites]
+    chosen: list[str] = []
+    for s in sites:
+        if callable(s):
+            hits = [n for n in all_names if s(n)]
+        else:
+            hits = [n for n in all_names if fnmatch.fnmatchcase(n, s)]
+            if not hits:
+                raise InterpError(_unknown_site(s, model.n_layers))
+        chosen += [h for h in hits if h not in chosen]
+    if layers is not None:
+        layers = set(_check_layers(model, layers))
+        chosen = [n for n in chosen if split_site(n)[0] is None or split_site(n)[0] in layers]
+    return chosen
+
+
+def _unknown_site(s: str, n_layers: int) -> str:
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", s)
+    if m and int(m.group(1)) >= n_layers:
+        return f"layer {m.group(1)} is out of range in site {s!r}: the model has {n_layers} layers (0..{n_layers - 1})"
+    kinds = ", ".join(("embed",) + tuple(f"blocks.{{l}}.{k}" for k in ("resid_pre",) + ATTN_KINDS
+                                         + ("attn.out", "mlp.out", "resid_post")) + ("final", "logits"))
+    return f"unknown site {s!r}; sites are {kinds} (globs such as 'blocks.*.attn.pattern' work)"
+
+
+def _check_layers(model, layers) -> list[int]:
+    out = []
+    for l in layers:
+        if not isinstance(l, int) or not -model.n_layers <= l < model.n_layers:
+            raise InterpError(f"layer {l!r} is out of range: the model has {model.n_layers} layers "
+                              f"(0..{model.n_layers - 1})")
+        out.append(l % model.n_layers)
+    return out
+
+
+# --------------------------------------------------------------------------------------- reducers
+@dataclass
+class Reducer:
+    """Folds attention weights chunk by chunk. Subclasses implement ``update`` and ``finish``."""
+
+    layers: Sequence[int] | None = field(default=None, kw_only=True)
+
+    def applies(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def start(self, batch: Batch) -> None:
+        self._state: dict[int, dict] = {}
+        self._batch = batch
+
+    def update(self, layer: int, weights: torch.Tensor, call: AttnCall) -> None:  # weights [b,h,qc,k]
+        raise NotImplementedError
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _valid(call: AttnCall, weights: torch.Tensor) -> torch.Tensor:
+        """float [b,1,qc,1]: 1 for real queries."""
+        if call.query_valid is None:
+            return torch.ones(weights.shape[0], 1, weights.shape[2], 1, dtype=weights.dtype)
+        return call.query_valid[:, None, :, None].to(weights.dtype)
+
+    @staticmethod
+    def _visible(call: AttnCall, weights: torch.Tensor) -> torch.Tensor:
+        """bool [b,1|h,qc,k]: keys each query can see."""
+        if call.mask is None:
+            return torch.ones_like(weights[:, :1], dtype=torch.bool)
+        return call.mask > torch.finfo(call.mask.dtype).min / 2
+
+
+@dataclass
+class KeyMass(Reducer):
+    """Σ_q A[q,k] (``key_mass``) and its mean over the real queries that can see k (``key_mean``)."""
+
+    def update(self, layer, weights, call):
+        valid = self._valid(call, weights)
+        s = self._state.setdefault(layer, {"sum": 0.0, "count": 0.0})
+        s["sum"] = s["sum"] + (weights.detach() * valid).sum(2)
+        s["count"] = s["count"] + (self._visible(call, weights) * valid).sum(2)
+
+    def finish(self):
+        out = {}
+        for l, s in self._state.items():
+            out[f"blocks.{l}.attn.key_mass"] = s["sum"]
+            out[f"blocks.{l}.attn.key_mean"] = s["sum"] / s["count"].clamp_min(1)
+        return out
+
+
+@dataclass
+class RoleMass(Reducer):
+    """Σ_{k∈role} A[q,k] for every query: attention from each query to a token role."""
+
+    role: str = "bos"
+
+    def update(self, layer, weights, call):
+        sel = torch.zeros(weights.shape[0], 1, 1, weights.shape[-1], dtype=weights.dtype)
+        for i, r in enumerate(self._batch.roles):
+            pos = [p for p in r.positions(self.role) if p < weights.shape[-1]]
+            sel[i, 0, 0, pos] = 1
+        self._state.setdefault(layer, []).append((weights.detach() * sel).sum(-1) * self._valid(call, weights)[..., 0])
+
+    def finish(self):
+        return {f"blocks.{l}.attn.role_mass.{self.role}": torch.cat(v, 2) for l, v in self._state.items()}
+
+
+@dataclass
+class Entropy(Reducer):
+    """Per-query attention entropy (nats) and its normalisation by log(#visible keys)."""
+
+    def update(self, layer, weights, call):
+        H = entropy(weights.detach().float())
+        nvis = self._visible(call, weights).sum(-1).to(H.dtype)
+        Hn = torch.where(nvis > 1, H / torch.log(nvis.clamp_min(2)), torch.zeros_like(H))
+        valid = self._valid(call, weights)[..., 0]
+        st = self._state.setdefault(layer, {"H": [], "Hn": []})
+        st["H"].append(H * valid)
+        st["Hn"].append(Hn * valid)
+
+    def finish(self):
+        out = {}
+        for l, st in self._state.items():
+            out[f"blocks.{l}.attn.entropy"] = torch.cat(st["H"], 2)
+            out[f"blocks.{l}.attn.entropy_norm"] = torch.cat(st["Hn"], 2)
+        return out
+
+
+@dataclass
+class TopK(Reducer):
+    """The k keys each query attends to most, with their weights."""
+
+    k: int = 5
+
+    def update(self, layer, weights, call):
+        v, i = weights.detach().topk(min(self.k, weights.shape[-1]), dim=-1)
+        st = self._state.setdefault(layer, {"v": [], "i": []})
+        st["v"].append(v)
+        st["i"].append(i)
+
+    def finish(self):
+        out = {}
+        for l, st in self._state.items():
+            out[f"blocks.{l}.attn.topk_val"] = torch.cat(st["v"], 2)
+            out[f"blocks.{l}.attn.topk_idx"] = torch.cat(st["i"], 2)
+        return out
+
+
+# --------------------------------------------------------------------------------------- the hook
+class _CaptureHook:
+    def __init__(self, sites: list[str], reducers: list[Reducer], grad: bool):
+        self.by_layer: dict[int, set[str]] = {}
+        for n in sites:
+            l, k = split_site(n)
+            if l is not None and k in ATTN_KINDS:
+                self.by_layer.setdefault(l, set()).add(k)
+        self.reducers = reducers
+        self.grad = grad
+        self.store: dict[str, list[torch.Tensor]] = {}
+
+    def needs(self, layer):
+        kinds = self.by_layer.get(layer, set())
+        out = set()
+        if "attn.logits" in kinds:
+            out.add("logits")
+        if "attn.pattern" in kinds or any(r.applies(layer) for r in self.reducers):
+            out.add("weights")
+        if "attn.z" in kinds:
+            out.add("z")
+        return out
+
+    def _keep(self, name, t):
+        if self.grad:
+            if t.requires_grad:
+                t.retain_grad()
+        else:
+            t = t.detach().clone()
+        self.store.setdefault(name, []).append(t)
+
+    def on_logits(self, layer, logits, call):
+        self._keep(f"blocks.{layer}.attn.logits", logits)
+
+    def on_weights(self, layer, weights, call):
+        if "attn.pattern" in self.by_layer.get(layer, ()):
+            self._keep(f"blocks.{layer}.attn.pattern", weights)
+        for r in self.reducers:
+            if r.applies(layer):
+                r.update(layer, weights, call)
+
+    def on_z(self, layer, z, call, v, weights):
+        self._keep(f"blocks.{layer}.attn.z", z)
+
+    def logit_bias(self, *a):
+        return None
+
+
+def estimate_bytes(model, sites: list[str], batch_size: int, seq_len: int, itemsize: int = 4) -> int:
+    """Memory the stored tensors of a capture will take."""
+    b, T = batch_size, seq_len
+    per = {"attn.logits": b * model.n_heads * T * T, "attn.pattern": b * model.n_heads * T * T,
+           "attn.z": b * T * model.n_heads * model.head_dim, "logits": b * T * model.adapter.vocab_size}
+    return sum(per.get(split_site(n)[1], b * T * model.d_model) for n in sites) * itemsize
+
+
+def available_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def capture(model, inputs, sites=None, reducers: Sequence[Reducer] = (), *, layers: Iterable[int] | None = None,
+            grad: bool = False, max_memory: int | None = None, **encode_kw) -> Trace:
+    """Run ``model`` on ``inputs`` once; return a :class:`Trace` of the requested sites and reducers."""
+    from .model import Model
+    if not isinstance(model, Model):
+        raise InterpError(f"capture needs an interp Model (from interp.load), got {type(model).__name__}")
+    batch = model.encode(inputs, **encode_kw)
+    names = resolve_sites(model, sites, layers)
+    reducers = list(reducers)
+    if layers is not None:
+        ls = _check_layers(model, layers)
+        for r in reducers:
+            r.layers = ls if r.layers is None else [l for l in r.layers if l in ls]
+    for r in reducers:
+        if r.layers is not None:
+            _check_layers(model, r.layers)
+    need = estimate_bytes(model, names, *batch.input_ids.shape)
+    budget = max_memory if max_memory is not None else int(available_bytes() * 0.6)
+    if need > budget:
+        big = [n for n in names if split_site(n)[1] in ("attn.pattern", "attn.logits")]
+        hint = ("use reducers instead of full patterns, e.g. reducers=[KeyMass(), Entropy(), TopK(5)] "
+                "(memory linear in tokens)" if big else "capture fewer sites or layers")
+        raise InterpError(f"this capture would keep ~{_gb(need)} of tensors ({len(names)} sites at "
+                          f"{batch.input_ids.shape[1]} tokens), more than the {_gb(budget)} available: {hint}")
+    hook = _CaptureHook(names, reducers, grad)
+    for r in reducers:
+        r.start(batch)
+    ad = model.adapter
+    handles = []
+
+    def keep(name):
+        def fn(mod, args, kwargs, out):
+            t = out[0] if isinstance(out, tuple) else out
+            hook._keep(name, t)
+        return fn
+
+    def keep_input(name):
+        def fn(mod, args, kwargs):
+            t = args[0] if args else kwargs["hidden_states"]
+            hook._keep(name, t)
+        return fn
+
+    try:
+        for n in names:
+            l, k = split_site(n)
+            if k == "embed":
+                handles.append(ad.embed.register_forward_hook(keep(n), with_kwargs=True))
+            elif k == "final":
+                handles.append(ad.final_norm.register_forward_hook(keep(n), with_kwargs=True))
+            elif k == "logits":
+                handles.append(ad.unembed.register_forward_hook(keep(n), with_kwargs=True))
+            elif k == "resid_pre":
+                handles.append(ad.layers[l].register_forward_pre_hook(keep_input(n), with_kwargs=True))
+            elif k == "resid_post":
+                handles.append(ad.layers[l].register_forward_hook(keep(n), with_kwargs=True))
+            elif k == "attn.out":
+                handles.append(ad.attn[l].register_forward_hook(keep(n), with_kwargs=True))
+            elif k == "mlp.out":
+                handles.append(ad.mlp[l].register_forward_hook(keep(n), with_kwargs=True))
+        model.engine.query_valid = batch.attention_mask.bool()
+        ctx = torch.enable_grad() if grad else torch.no_grad()
+        with ctx, model.engine.using(hook):
+            out = model.hf(**batch.model_inputs())
+        values: dict = {}
+        for n in names:  # keep the requested order
+            if n in hook.store:
+                values[n] = hook.store[n] if grad else _merge(hook.store[n], n)
+        for r in reducers:
+            values.update(r.finish())
+    finally:
+        for h in handles:
+            h.remove()
+        model.engine.query_valid = None
+    trace = Trace(values, batch.input_ids, batch.attention_mask, batch.tokens, batch.roles,
+                  {"model": model.identity(), "sites": names, "reducers": [type(r).__name__ for r in reducers]},
+                  grads=grad)
+    trace.output = out
+    return trace
+
+
+def _merge(parts: list[torch.Tensor], name: str):
+    return parts[0] if len(parts) == 1 else parts

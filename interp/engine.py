@@ -1,0 +1,210 @@
+"""The local execution engine: one attention function and forward hooks, shared by capture and patch.
+
+transformers routes attention through ``ALL_ATTENTION_FUNCTIONS``; interp registers one function,
+``"interp"``, with the eager mask builder (without a mask function the model would silently run
+with no causal mask). For every attention call it asks the active hooks what they need at that
+layer:
+
+* nothing, or only an additive logit bias / head-output edits  -> ``scaled_dot_product_attention``
+  (the bias rides in the float mask), so an idle engine costs nothing;
+* logits or weights (capture of patterns, reducers, weight edits) -> an exact eager computation,
+  in query chunks when the [b, h, q, k] block would be large, so memory stays linear in length.
+
+Hooks never see the model: they receive tensors and an :class:`AttnCall` describing the call.
+Leaving any context (normally or by exception) removes its hooks, so the model computes exactly
+what it computed before.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+ATTN_NAME = "interp"
+CHUNK_ELEMENTS = 2**24  # largest [b, h, q_chunk, k] block materialised at once (64 MiB in fp32)
+
+
+@dataclass
+class AttnCall:
+    """What a hook knows about one attention call."""
+
+    layer: int
+    q_start: int  # absolute position of the first query in this chunk
+    q_len: int  # queries in this chunk
+    k_len: int  # keys (cache included)
+    n_heads: int
+    mask: torch.Tensor | None  # additive float mask for this chunk, [b, 1, q, k], or None
+    query_valid: torch.Tensor | None  # bool [b, q] for this chunk (False at padding), or None
+
+    @property
+    def q_positions(self) -> torch.Tensor:
+        return torch.arange(self.q_start, self.q_start + self.q_len)
+
+
+class AttentionHook(Protocol):
+    """What capture reducers and patch ops implement. Each ``on_*`` returns a replacement or None."""
+
+    def needs(self, layer: int) -> set[str]:
+        """Subset of {"bias", "logits", "weights", "z"} this hook touches at ``layer``."""
+
+    def logit_bias(self, layer: int, call: AttnCall, q, k) -> torch.Tensor | None: ...
+    def on_logits(self, layer: int, logits: torch.Tensor, call: AttnCall) -> torch.Tensor | None: ...
+    def on_weights(self, layer: int, weights: torch.Tensor, call: AttnCall) -> torch.Tensor | None: ...
+    def on_z(self, layer: int, z: torch.Tensor, call: AttnCall, v: torch.Tensor, weights) -> torch.Tensor | None: ...
+
+
+class Engine:
+    """Per-model hook registry. Attention modules point at it through ``_interp_engine``."""
+
+    def __init__(self, attn_modules: list[nn.Module]):
+        self.hooks: list[AttentionHook] = []
+        self.query_valid: torch.Tensor | None = None
+        self.position_offset = 0
+        for i, m in enumerate(attn_modules):
+            m._interp_engine = self
+            m._interp_layer = i
+
+    def needs(self, layer: int) -> set[str]:
+        out: set[str] = set()
+        for h in self.hooks:
+            out |= h.needs(layer)
+        return out
+
+    @contextlib.contextmanager
+    def using(self, *hooks: AttentionHook) -> Iterator[None]:
+        n = len(self.hooks)
+        self.hooks.extend(hooks)
+        try:
+            yield
+        finally:
+            del self.hooks[n:]
+
+
+def interp_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The registered attention function. query [b,h,q,d]; key/value [b,kv,k,d]; returns ([b,q,h,d], weights)."""
+    engine: Engine | None = getattr(module, "_interp_engine", None)
+    layer = getattr(module, "_interp_layer", None)
+    needs = engine.needs(layer) if engine is not None else set()
+    softcap = kwargs.get("softcap")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    b, h, q_len, _ = query.shape
+    k_len = key.shape[2]
+    q_offset = k_len - q_len if getattr(module, "is_causal", True) else 0
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+
+    def call_for(q0: int, q1: int) -> AttnCall:
+        mask = attention_mask[:, :, q0:q1] if attention_mask is not None else None
+        qv = engine.query_valid if engine is not None else None
+        if qv is not None:
+            start = q_offset + q0
+            qv = qv[:, start:start + (q1 - q0)] if qv.shape[1] >= start + (q1 - q0) else None
+        return AttnCall(layer, q_offset + q0, q1 - q0, k_len, h, mask, qv)
+
+    hooks = engine.hooks if engine is not None else []
+    if not needs & {"logits", "weights"} and softcap is None:
+        mask = attention_mask
+        if "bias" in needs:
+            call = call_for(0, q_len)
+            bias = _sum_bias(hooks, layer, call, query, key)
+            if bias is not None:
+                if mask is None:
+                    mask = _default_mask(module, q_len, k_len, q_offset, query)
+                mask = mask + bias
+        out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+        if "z" in needs:
+            out = _apply_z(hooks, layer, out, call_for(0, q_len), repeat_kv(value, h // value.shape[1]), None)
+        return out, None
+
+    key = repeat_kv(key, h // key.shape[1])
+    value = repeat_kv(value, h // value.shape[1])
+    chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k_len))
+    outs, all_weights = [], []
+    keep_weights = kwargs.get("output_attentions", False)
+    for q0 in range(0, q_len, chunk):
+        q1 = min(q_len, q0 + chunk)
+        call = call_for(q0, q1)
+        logits = torch.matmul(query[:, :, q0:q1], key.transpose(2, 3)) * scaling
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        if call.mask is not None:
+            logits = logits + call.mask
+        elif getattr(module, "is_causal", True) and q_len > 1:
+            logits = logits + _default_mask(module, q_len, k_len, q_offset, query)[:, :, q0:q1]
+        if "bias" in needs:
+            bias = _sum_bias(hooks, layer, call, query[:, :, q0:q1], key)
+            if bias is not None:
+                logits = logits + bias
+        for hk in hooks:
+            if "logits" in hk.needs(layer):
+                new = hk.on_logits(layer, logits, call)
+                if new is not None:
+                    logits = new
+        weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+        for hk in hooks:
+            if "weights" in hk.needs(layer):
+                new = hk.on_weights(layer, weights, call)
+                if new is not None:
+                    weights = new
+        if dropout and module.training:
+            weights = nn.functional.dropout(weights, p=dropout)
+        out = torch.matmul(weights, value).transpose(1, 2)
+        if "z" in needs:
+            out = _apply_z(hooks, layer, out, call, value, weights)
+        outs.append(out)
+        if keep_weights:
+            all_weights.append(weights)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    weights = (all_weights[0] if len(all_weights) == 1 else torch.cat(all_weights, dim=2)) if keep_weights else None
+    return out.contiguous(), weights
+
+
+def _default_mask(module, q_len, k_len, q_offset, query) -> torch.Tensor:
+    """Causal (or all-zero for bidirectional modules) additive mask [1, 1, q, k]."""
+    m = torch.zeros(q_len, k_len, dtype=query.dtype, device=query.device)
+    if getattr(module, "is_causal", True):
+        qpos = torch.arange(q_len, device=query.device)[:, None] + q_offset
+        kpos = torch.arange(k_len, device=query.device)[None, :]
+        m = m.masked_fill(kpos > qpos, torch.finfo(query.dtype).min)
+    return m[None, None]
+
+
+def _sum_bias(hooks, layer, call, query, key):
+    total = None
+    for hk in hooks:
+        if "bias" in hk.needs(layer):
+            bias = hk.logit_bias(layer, call, query, key)
+            if bias is not None:
+                total = bias if total is None else total + bias
+    return total
+
+
+def _apply_z(hooks, layer, out, call, value, weights):
+    for hk in hooks:
+        if "z" in hk.needs(layer):
+            new = hk.on_z(layer, out, call, value, weights)
+            if new is not None:
+                out = new
+    return out
+
+
+def register() -> None:
+    """Register the attention function and its (eager, float) mask builder with transformers."""
+    AttentionInterface.register(ATTN_NAME, interp_attention)
+    AttentionMaskInterface.register(ATTN_NAME, eager_mask)
+
+
+def entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) along the last axis, 0·log 0 = 0."""
+    return -(weights * torch.log(weights.clamp_min(1e-30))).sum(-1)
+
+
+LOG2 = math.log(2.0)

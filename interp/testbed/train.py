@@ -1,0 +1,403 @@
+"""Train the testbed vision-language models.
+
+    python -m interp.testbed.train --model ar        --out interp/testbed/checkpoints/llava_ar        --seed 0
+    python -m interp.testbed.train --model diffusion --out interp/testbed/checkpoints/llada_diffusion --seed 0
+
+Recipe (CPU, 2 threads):
+
+1. Vision warm-up (LLaVA stage 1 analogue): CLIP tower + projector are trained alone to
+   predict the set of (colour, shape) pairs and the object count from the *mean* image
+   token through a throw-away linear head.
+2. Full training with all questions about a scene packed in one sequence::
+
+       <bos> <image>*64 | user : q1 assistant : a1 <eos> | user : q2 ... | ...
+
+   A 4D additive attention mask + position ids make every question block see only the
+   image prefix and itself (positions restart after the prefix), so each block is
+   computed exactly as the plain one-question sequence would be (AR).  The prefix never
+   sees question blocks.
+   * AR: next-token cross-entropy on answer tokens and ``<eos>``.
+   * Diffusion: answer region = answer + ``<eos>`` padded to ``GEN_LEN`` tokens; per
+     block ``t ~ U(0,1)``, ``p = (1-eps) t + eps``, each answer-region token is replaced by
+     ``<mask>`` with prob ``p`` (at least one); loss = CE at masked positions (no shift)
+     weighted ``1/p``, divided by the number of answer-region tokens.
+3. Diffusion only: a final phase with plain one-question sequences (fully bidirectional,
+   the image tokens now also see the question) so training matches inference exactly.
+
+Evaluation uses the plain one-question format on held-out ``test``-split scenes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .diffusion import masked_diffusion_loss
+from .scenes import COLOURS, COUNT_WORDS, N_PATCHES, QUESTION_TYPES, SHAPES, make_scene, scene_seed
+from .vocab import BOS, EOS, IMAGE, MASK, PAD, VOCAB, build_tokenizer
+
+GEN_LEN = 3  # answer region of the diffusion model (answer + <eos> padding)
+IMAGE_MEAN = [0.5, 0.5, 0.5]
+IMAGE_STD = [0.5, 0.5, 0.5]
+DIFFUSION_EPS = 1e-3
+
+MODEL_DIMS = dict(
+    vision_hidden=64, vision_layers=2, vision_heads=4, vision_intermediate=128,
+    text_hidden=64, text_layers=3, text_heads=4, text_kv_heads=4, text_intermediate=192,
+)
+
+TOK = {w: i for i, w in enumerate(VOCAB)}
+
+
+# ---------------------------------------------------------------------- model
+def build_config(kind: str, vocab_size: int = len(VOCAB)):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    d = MODEL_DIMS
+    vision = CLIPVisionConfig(
+        hidden_size=d["vision_hidden"], intermediate_size=d["vision_intermediate"],
+        num_hidden_layers=d["vision_layers"], num_attention_heads=d["vision_heads"],
+        patch_size=4, image_size=32, num_channels=3, projection_dim=d["vision_hidden"],
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=d["text_hidden"], intermediate_size=d["text_intermediate"],
+        num_hidden_layers=d["text_layers"], num_attention_heads=d["text_heads"],
+        num_key_value_heads=d["text_kv_heads"], max_position_embeddings=256,
+        pad_token_id=TOK[PAD], bos_token_id=TOK[BOS], eos_token_id=TOK[EOS],
+        tie_word_embeddings=False, is_causal=(kind == "ar"),
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=text,
+        image_token_index=TOK[IMAGE], image_seq_length=N_PATCHES,
+        # -1: last CLIP layer (0 would be the embeddings; falsy values are a pitfall).
+        vision_feature_layer=-1,
+        # "default" drops CLIP's CLS token -> exactly 64 patch features for 64 <image> tokens
+        # ("full" would give 65 features and a token/feature count mismatch).
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+
+
+def build_model(kind: str, seed: int, attn_implementation: str = "eager"):
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = build_config(kind)
+    cfg._attn_implementation = attn_implementation
+    model = LlavaForConditionalGeneration(cfg)
+    return model
+
+
+def build_meta(kind: str) -> dict:
+    return {
+        "name": "llava_ar" if kind == "ar" else "llada_diffusion",
+        "kind": kind,
+        "model_class": "LlavaForConditionalGeneration",
+        "image_size": 32,
+        "patch_size": 4,
+        "grid": [8, 8],
+        "n_image_tokens": N_PATCHES,
+        "image_token": IMAGE,
+        "image_token_id": TOK[IMAGE],
+        "image_token_offset": 1,
+        "patch_index": "image token k is at sequence position image_token_offset + k; patch row = k // 8, col = k % 8",
+        "image_mean": IMAGE_MEAN,
+        "image_std": IMAGE_STD,
+        "normalization": "pixel_values = (image - mean) / std, image in [0,1], shape [B,3,32,32]",
+        "prompt_format": "<bos> <image>*64 user : {question} assistant : {answer} <eos>",
+        "bos_token_id": TOK[BOS],
+        "eos_token_id": TOK[EOS],
+        "pad_token_id": TOK[PAD],
+        "mask_token_id": TOK[MASK],
+        "question_types": list(QUESTION_TYPES),
+        "question_templates": {
+            "colour": "what color is the {shape} ?",
+            "exist": "is there a {colour} {shape} ?",
+            "count": "how many objects ?",
+            "where": "where is the {shape} ?",
+            "caption": "describe .",
+        },
+        "shapes": SHAPES,
+        "colours": COLOURS,
+        "gen_len": GEN_LEN if kind == "diffusion" else 3,
+        "diffusion_steps": GEN_LEN if kind == "diffusion" else None,
+        "diffusion_block_len": GEN_LEN if kind == "diffusion" else None,
+        "answer_region": ("answer + <eos>, padded with <eos> to gen_len tokens" if kind == "diffusion"
+                          else "answer + <eos>; greedy next-token decoding"),
+        "attention": "causal" if kind == "ar" else "bidirectional (text_config.is_causal=False)",
+    }
+
+
+# ---------------------------------------------------------------------- batches
+def _ids(text: str) -> list[int]:
+    return [TOK[w] for w in text.split()]
+
+
+PREFIX = [TOK[BOS]] + [TOK[IMAGE]] * N_PATCHES
+
+
+def _block_tokens(q, kind: str):
+    """Token ids of one question block and the slice of its answer region."""
+    head = _ids(f"user : {q.text} assistant :")
+    ans = _ids(q.answer) + [TOK[EOS]]
+    if kind == "diffusion":
+        ans = ans + [TOK[EOS]] * (GEN_LEN - len(ans))
+    return head + ans, len(head)
+
+
+def make_batch(scenes, kind: str, rng: random.Random, gen: torch.Generator, packed: bool = True):
+    """Build a training batch.
+
+    packed=True: every question about a scene in one sequence (block mask).
+    packed=False: one random question per scene, plain format (diffusion final phase).
+    Returns dict(input_ids, position_ids, attention_mask (4D additive), pixel_values,
+    targets, loss_mask, p_mask, n_answer).
+    """
+    seqs, blocks, ans_masks = [], [], []
+    for s in scenes:
+        if packed:
+            qs = s.questions(rng=rng, all_objects=True)
+            rng.shuffle(qs)
+        else:
+            qs = [rng.choice(s.questions(rng=rng))]
+        ids = list(PREFIX)
+        blk = [0] * len(PREFIX)
+        am = [False] * len(PREFIX)
+        for bi, q in enumerate(qs, start=1):
+            toks, a0 = _block_tokens(q, kind)
+            ids += toks
+            blk += [bi if packed else 0] * len(toks)
+            am += [False] * a0 + [True] * (len(toks) - a0)
+        seqs.append(ids)
+        blocks.append(blk)
+        ans_masks.append(am)
+    B, L = len(seqs), max(len(x) for x in seqs)
+    input_ids = torch.full((B, L), TOK[PAD], dtype=torch.long)
+    block = torch.full((B, L), -1, dtype=torch.long)
+    ans = torch.zeros((B, L), dtype=torch.bool)
+    pos = torch.zeros((B, L), dtype=torch.long)
+    for i, (x, b, a) in enumerate(zip(seqs, blocks, ans_masks)):
+        n = len(x)
+        input_ids[i, :n] = torch.tensor(x)
+        block[i, :n] = torch.tensor(b)
+        ans[i, :n] = torch.tensor(a)
+        # positions: prefix 0..64, each block restarts at 65 (packed) / plain 0..n-1
+        bt = torch.tensor(b)
+        p = torch.arange(n)
+        if packed:
+            starts = {}
+            for j, bb in enumerate(b):
+                if bb not in starts:
+                    starts[bb] = j
+            offs = torch.tensor([starts[bb] - (len(PREFIX) if bb > 0 else 0) for bb in b])
+            p = p - offs
+        pos[i, :n] = p
+        pos[i, n:] = torch.arange(L - n) + (p[-1] + 1 if n else 0)
+        del bt
+    bi_, bj_ = block[:, :, None], block[:, None, :]
+    allowed = (bj_ == 0) | (bj_ == bi_)
+    if kind == "ar":
+        allowed &= torch.ones(L, L, dtype=torch.bool).tril()[None]
+    allowed |= torch.eye(L, dtype=torch.bool)[None]
+    attn = torch.zeros((B, 1, L, L), dtype=torch.float32)
+    attn.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+
+    pixel_values = torch.stack([s.image for s in scenes])
+    pixel_values = (pixel_values - 0.5) / 0.5
+    out = dict(input_ids=input_ids, position_ids=pos, attention_mask=attn, pixel_values=pixel_values,
+               answer_mask=ans)
+    if kind == "ar":
+        # logits at p-1 predict the answer token at p
+        targets = torch.full((B, L), -100, dtype=torch.long)
+        targets[:, :-1] = torch.where(ans[:, 1:], input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
+        out["targets"] = targets
+    else:
+        # per-block masking ratio
+        nblk = int(block.max()) + 1
+        t = torch.rand((B, nblk), generator=gen)
+        pm_blk = (1 - DIFFUSION_EPS) * t + DIFFUSION_EPS
+        p_mask = torch.gather(pm_blk, 1, block.clamp(min=0))
+        masked = (torch.rand((B, L), generator=gen) < p_mask) & ans
+        # at least one masked token per block
+        for i in range(B):
+            for bb in block[i].unique().tolist():
+                if bb < 0:
+                    continue
+                sel = ans[i] & (block[i] == bb)
+                if sel.any() and not (masked[i] & sel).any():
+                    idx = sel.nonzero().squeeze(1)
+                    masked[i, idx[torch.randint(len(idx), (1,), generator=gen)]] = True
+        out["targets"] = input_ids.clone()
+        out["input_ids"] = torch.where(masked, torch.full_like(input_ids, TOK[MASK]), input_ids)
+        out["masked"] = masked
+        out["p_mask"] = p_mask
+        out["n_answer"] = int(ans.sum())
+    return out
+
+
+def compute_loss(model, batch, kind: str):
+    logits = model(
+        input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+        attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+    ).logits
+    if kind == "ar":
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1), ignore_index=-100)
+    return masked_diffusion_loss(logits, batch["targets"], batch["masked"], batch["p_mask"], batch["n_answer"])
+
+
+# ---------------------------------------------------------------------- stage 1
+PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
+
+
+def vision_warmup(model, steps: int, batch_size: int, seed: int, lr: float, log=print):
+    """Train tower + projector to predict (colour, shape) pairs and count from the mean token."""
+    d = model.config.text_config.hidden_size
+    head = torch.nn.Linear(d, len(PAIRS) + len(COUNT_WORDS))
+    params = (list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+              + list(head.parameters()))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    k = 0
+    t0 = time.time()
+    for step in range(steps):
+        scenes = [make_scene(scene_seed(k + j, seed, "train") + 900_000) for j in range(batch_size)]
+        k += batch_size
+        px = (torch.stack([s.image for s in scenes]) - 0.5) / 0.5
+        feats = torch.stack(model.model.get_image_features(px).pooler_output)  # [B,64,d]
+        out = head(feats.mean(1))
+        tgt = torch.zeros(batch_size, len(PAIRS))
+        cnt = torch.tensor([len(s.objects) - 1 for s in scenes])
+        for i, s in enumerate(scenes):
+            for o in s.objects:
+                tgt[i, PAIRS.index((o.colour, o.shape))] = 1.0
+        loss = F.binary_cross_entropy_with_logits(out[:, : len(PAIRS)], tgt) * len(PAIRS) / 4 + F.cross_entropy(
+            out[:, len(PAIRS):], cnt)
+        lr_t = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = lr_t
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            with torch.no_grad():
+                pair_acc = ((out[:, : len(PAIRS)] > 0).float() == tgt).all(1).float().mean().item()
+                cnt_acc = (out[:, len(PAIRS):].argmax(1) == cnt).float().mean().item()
+            log(f"[vision] step {step:4d} loss {loss.item():.4f} pairset_acc {pair_acc:.2f} count_acc {cnt_acc:.2f} "
+                f"({time.time() - t0:.0f}s)")
+
+
+# ---------------------------------------------------------------------- main loop
+def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_steps: int = 300,
+          batch_size: int = 32, single_batch_size: int = 96, single_frac: float = 0.0, lr: float = 3e-3,
+          warmup: int = 100, eval_every: int = 500, eval_n: int = 200, test_n: int = 1000, threads: int = 2,
+          log=print) -> dict:
+    from . import evaluate_accuracy
+    from .scenes import make_dataset
+
+    torch.set_num_threads(threads)
+    t_start = time.time()
+    random.seed(seed)
+    model = build_model(kind, seed)
+    tokenizer = build_tokenizer()
+    meta = build_meta(kind)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model={kind} params={n_params} steps={steps} vision_steps={vision_steps} batch={batch_size}")
+    model.train()
+    vision_warmup(model, vision_steps, 64, seed, lr, log=log)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    rng = random.Random(seed + 1)
+    gen = torch.Generator().manual_seed(seed + 2)
+    val = make_dataset(eval_n, seed, "val")
+    single_start = int(steps * (1 - single_frac))
+    k = 0
+    t0 = time.time()
+    history = []
+    for step in range(steps):
+        packed = step < single_start
+        bs = batch_size if packed else single_batch_size
+        scenes = [make_scene(scene_seed(k + j, seed, "train")) for j in range(bs)]
+        k += bs
+        batch = make_batch(scenes, kind, rng, gen, packed=packed)
+        lr_t = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr_t
+        loss = compute_loss(model, batch, kind)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            log(f"step {step:5d} loss {loss.item():.4f} lr {lr_t:.2e} packed={packed} ({time.time() - t0:.0f}s)")
+        if (step + 1) % eval_every == 0 or step == steps - 1 or step + 1 == single_start:
+            acc = evaluate_accuracy(model, tokenizer, meta, val, kind=kind)
+            history.append({"step": step + 1, **{k_: v for k_, v in acc.items() if k_ != "n"}})
+            log(f"[val] step {step + 1}: " + " ".join(f"{t}={acc[t]:.3f}" for t in QUESTION_TYPES if t in acc)
+                + f" overall={acc['overall']:.3f} ({time.time() - t0:.0f}s)")
+            model.train()
+    train_time = time.time() - t_start
+    model.eval()
+    test = make_dataset(test_n, seed, "test")
+    acc = evaluate_accuracy(model, tokenizer, meta, test, kind=kind)
+    log(f"[test n={test_n}] " + " ".join(f"{t}={acc[t]:.3f}" for t in QUESTION_TYPES if t in acc)
+        + f" overall={acc['overall']:.3f}  n={acc['n']}")
+    log(f"train wall time {train_time:.0f}s, total {time.time() - t_start:.0f}s")
+    meta["training"] = {
+        "command": f"python -m interp.testbed.train --model {kind} --out {out} --seed {seed}",
+        "seed": seed, "steps": steps, "vision_steps": vision_steps, "batch_size": batch_size,
+        "single_batch_size": single_batch_size, "single_frac": single_frac, "lr": lr, "threads": threads,
+        "n_params": n_params, "train_wall_time_s": round(train_time, 1),
+        "test_accuracy": {k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in acc.items()},
+        "test_split": f"make_dataset({test_n}, seed={seed}, split='test')",
+        "torch": torch.__version__,
+    }
+    if out:
+        outp = Path(out)
+        outp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(outp), safe_serialization=True)
+        tokenizer.save_pretrained(str(outp))
+        (outp / "testbed.json").write_text(json.dumps(meta, indent=2) + "\n")
+        log(f"saved to {outp}")
+    return {"model": model, "tokenizer": tokenizer, "meta": meta, "accuracy": acc, "history": history}
+
+
+DEFAULTS = {
+    "ar": dict(steps=3000, vision_steps=300, batch_size=32, single_frac=0.0),
+    "diffusion": dict(steps=4000, vision_steps=300, batch_size=32, single_frac=0.25),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["ar", "diffusion"], required=True)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--vision-steps", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--single-frac", type=float, default=None)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--test-n", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    cfg = dict(DEFAULTS[a.model])
+    for key in ("steps", "vision_steps", "batch_size", "single_frac"):
+        v = getattr(a, key)
+        if v is not None:
+            cfg[key] = v
+    train(a.model, a.out, seed=a.seed, lr=a.lr, eval_every=a.eval_every, test_n=a.test_n, threads=a.threads,
+          log=lambda s: print(s, flush=True), **cfg)
+
+
+if __name__ == "__main__":
+    main()

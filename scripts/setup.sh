@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up .venv (if missing), torch 2.13.0 first, then interp with its dev extras, then the embedded model.
+# Idempotent: each step is a no-op when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+V=.venv/bin/python
+$V -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('${TORCH_VERSION:-2.13.0}') else 1)" 2>/dev/null \
+  || $V -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+$V -c "import interp, pytest, hypothesis, nbclient" 2>/dev/null \
+  || $V -m pip install -q -e ".[dev]"
+$V -m interp.embedded

@@ -1,0 +1,213 @@
+"""Capture equals what HF itself reports, on the real SmolLM2 and on tiny models of each family."""
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import interp
+from interp import Entropy, InterpError, KeyMass, RoleMass, TopK
+from tests.conftest import random_ids, tiny_hf
+
+PROMPT = "The capital of France is Paris. The capital of Italy is"
+
+
+def hf_eager(model):
+    ref = copy.deepcopy(model.hf)
+    ref.set_attn_implementation("eager")
+    return ref
+
+
+def test_smollm2_patterns_hidden_states_and_logits(smol):
+    batch = smol.encode(PROMPT)
+    with torch.no_grad():
+        ref = hf_eager(smol)(**batch.model_inputs(), output_attentions=True, output_hidden_states=True)
+        idle = smol.hf(**batch.model_inputs()).logits
+    tr = interp.capture(smol, batch, sites=["blocks.*.attn.pattern", "blocks.*.resid_post", "final", "logits"])
+    assert len(ref.attentions) == smol.n_layers == 30
+    for l in range(smol.n_layers):
+        assert (tr[f"blocks.{l}.attn.pattern"] - ref.attentions[l]).abs().max() <= 1e-5, l
+    for l in range(smol.n_layers - 1):  # HF's last hidden state has the final norm applied
+        assert torch.equal(tr[f"blocks.{l}.resid_post"], ref.hidden_states[l + 1])
+    assert torch.equal(tr["final"], ref.hidden_states[-1])
+    # capture runs eager attention: its logits equal HF eager; idle interp runs SDPA like HF's default
+    assert (tr["logits"] - ref.logits).abs().max() <= 1e-5
+    scale = idle.abs().max()
+    assert (tr["logits"] - idle).abs().max() <= 1e-5 * scale  # eager vs SDPA rounding only
+    # a capture of non-attention sites leaves the computation exactly as it was
+    tr2 = interp.capture(smol, batch, sites=["blocks.*.resid_post", "blocks.*.mlp.out", "logits"])
+    assert torch.equal(tr2["logits"], idle)
+
+
+def test_idle_model_matches_hf_sdpa(smol):
+    batch = smol.encode(PROMPT)
+    ref = copy.deepcopy(smol.hf)
+    ref.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        assert (smol.hf(**batch.model_inputs()).logits - ref(**batch.model_inputs()).logits).abs().max() <= 1e-5
+
+
+def test_tiny_families_match_hf_eager(tiny):
+    ids = random_ids(16, b=2)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        ref = hf_eager(tiny)(**inputs, output_attentions=True, output_hidden_states=True)
+        idle = tiny.hf(**inputs).logits
+    tr = interp.capture(tiny, inputs, sites=["blocks.*.attn.pattern", "blocks.*.resid_post", "logits", "blocks.*.attn.z"])
+    for l in range(tiny.n_layers):
+        assert (tr[f"blocks.{l}.attn.pattern"] - ref.attentions[l]).abs().max() <= 1e-5
+        assert tr[f"blocks.{l}.attn.z"].shape == (2, 16, tiny.n_heads, tiny.head_dim)
+    for l in range(tiny.n_layers - 1):
+        assert (tr[f"blocks.{l}.resid_post"] - ref.hidden_states[l + 1]).abs().max() <= 1e-5
+    assert (tr["logits"] - ref.logits).abs().max() <= 1e-5
+    assert (idle - ref.logits).abs().max() <= 1e-5
+
+
+def test_z_reassembles_attention_output(tiny):
+    """attn.out = o_proj(z flattened): the per-head outputs are the real ones."""
+    ids = random_ids(10)
+    tr = interp.capture(tiny, {"input_ids": ids}, sites=["blocks.1.attn.z", "blocks.1.attn.out"])
+    z = tr["blocks.1.attn.z"]
+    proj = tiny.adapter.attn[1].c_proj if tiny.family == "gpt2" else tiny.adapter.attn[1].o_proj
+    with torch.no_grad():
+        out = proj(z.reshape(*z.shape[:2], -1))
+    assert (out - tr["blocks.1.attn.out"]).abs().max() <= 1e-5
+
+
+def test_reducers_equal_statistics_of_full_patterns_with_padding(smol):
+    prompts = ["The capital of France is", "Water boils at one hundred degrees Celsius at sea level."]
+    batch = smol.encode(prompts, roles={"subject": [1, 2]})
+    assert batch.attention_mask[0].sum() < batch.attention_mask[1].sum()  # padded
+    layers = [0, 7, 29]
+    tr = interp.capture(smol, batch, sites="blocks.*.attn.pattern", layers=layers,
+                        reducers=[KeyMass(), Entropy(), TopK(3), RoleMass("subject")])
+    for l in layers:
+        A = tr[f"blocks.{l}.attn.pattern"]
+        for i, n in enumerate(batch.lengths):
+            a = A[i, :, :n, :n]  # real queries and keys only
+            mass = a.sum(1)
+            assert (tr[f"blocks.{l}.attn.key_mass"][i, :, :n] - mass).abs().max() <= 1e-5
+            visible = torch.arange(n, 0, -1).float()  # causal: n - k real queries see key k
+            assert (tr[f"blocks.{l}.attn.key_mean"][i, :, :n] - mass / visible).abs().max() <= 1e-5
+            H = -(a * a.clamp_min(1e-30).log()).sum(-1)
+            assert (tr[f"blocks.{l}.attn.entropy"][i, :, :n] - H).abs().max() <= 1e-5
+            Hn = H[:, 1:] / torch.log(torch.arange(2, n + 1).float())
+            assert (tr[f"blocks.{l}.attn.entropy_norm"][i, :, 1:n] - Hn).abs().max() <= 1e-5
+            v, idx = a.topk(3, dim=-1)
+            assert (tr[f"blocks.{l}.attn.topk_val"][i, :, :n] - v).abs().max() <= 1e-5
+            assert (tr[f"blocks.{l}.attn.role_mass.subject"][i, :, :n] - a[..., [1, 2]].sum(-1)).abs().max() <= 1e-5
+            # padded queries never count
+            assert tr[f"blocks.{l}.attn.entropy"][i, :, n:].abs().sum() == 0
+
+
+def test_reducers_chunked_equal_unchunked(smol, monkeypatch):
+    from interp import engine
+    batch = smol.encode(PROMPT)
+    full = interp.capture(smol, batch, reducers=[KeyMass(), Entropy()], sites="blocks.3.attn.pattern")
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 9 * 15 * 3)  # 3 queries per chunk
+    chunked = interp.capture(smol, batch, reducers=[KeyMass(), Entropy()], sites="blocks.3.attn.pattern")
+    for k in full.keys():
+        assert (full[k] - chunked[k]).abs().max() <= 1e-5, k
+
+
+def test_exception_inside_capture_leaves_model_unhooked(smol):
+    batch = smol.encode(PROMPT)
+    with torch.no_grad():
+        before = smol.hf(**batch.model_inputs()).logits
+
+    class Boom(KeyMass):
+        def update(self, layer, weights, call):
+            if layer == 5:
+                raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        interp.capture(smol, batch, sites="blocks.*.resid_post", reducers=[Boom()])
+    assert smol.engine.hooks == []
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in smol.hf.modules())
+    with torch.no_grad():
+        assert torch.equal(smol.hf(**batch.model_inputs()).logits, before)
+
+
+def test_trace_roundtrip(tmp_path, smol):
+    tr = interp.capture(smol, smol.encode(PROMPT, roles={"subject": "France"}),
+                        sites=["blocks.2.attn.pattern", "final"], reducers=[KeyMass(layers=[4])])
+    stem = tr.save(tmp_path / "t")
+    back = interp.Trace.load(stem)
+    assert sorted(back.keys()) == sorted(tr.keys())
+    for k in tr.keys():
+        assert torch.equal(back[k], tr[k])
+    assert back.roles[0]["subject"] == tr.roles[0]["subject"] == [3]
+    assert back.tokens == tr.tokens
+    df = tr.to_frame("blocks.4.attn.key_mean")
+    assert list(df.columns) == ["batch", "head", "key", "value"] and len(df) == 9 * tr.input_ids.shape[1]
+
+
+def test_chat_roles(smol):
+    b = smol.encode([{"role": "user", "content": "What is two plus two?"}], system="Answer briefly.")
+    r = b.roles[0]
+    text = smol.tokenizer.convert_tokens_to_string([b.tokens[0][i] for i in r["user"]])
+    assert text.strip() == "What is two plus two?"
+    text = smol.tokenizer.convert_tokens_to_string([b.tokens[0][i] for i in r["system"]])
+    assert text.strip() == "Answer briefly."
+    m = smol.encode("Q: 3+4? <think>3 plus 4 is 7</think> A: 7", markers={"think": ("<think>", "</think>")})
+    t = smol.tokenizer.convert_tokens_to_string([m.tokens[0][i] for i in m.roles[0]["think"]])
+    assert t.strip() == "3 plus 4 is 7"
+
+
+def test_memory_estimate_refuses_and_names_reducer(smol):
+    with pytest.raises(InterpError, match="reducers"):
+        interp.capture(smol, PROMPT, sites="blocks.*.attn.pattern", max_memory=1000)
+
+
+@pytest.mark.parametrize("src,msg", [
+    ("no-such-model", "unknown model"),
+    ("/nope/model.gguf", "GGUF file not found"),
+    ("someone/some-model-that-is-not-cached", "hub"),
+])
+def test_bad_sources(src, msg):
+    with pytest.raises(InterpError, match=msg):
+        interp.load(src)
+
+
+def test_corrupt_gguf(tmp_path):
+    p = tmp_path / "broken.gguf"
+    p.write_bytes(b"GGUF" + b"\x00" * 100)
+    with pytest.raises(InterpError, match="could not read GGUF"):
+        interp.load(p)
+
+
+def test_unsupported_architecture():
+    from transformers import BertConfig, BertForMaskedLM
+    with pytest.raises(InterpError, match="unsupported architecture 'bert'"):
+        interp.load(BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                               intermediate_size=32, vocab_size=50)))
+
+
+def test_bad_sites_layers_and_length(smol):
+    with pytest.raises(InterpError, match="unknown site 'blocks.1.attn.patern'"):
+        interp.capture(smol, PROMPT, sites="blocks.1.attn.patern")
+    with pytest.raises(InterpError, match="layer 30 is out of range"):
+        interp.capture(smol, PROMPT, sites="blocks.30.attn.pattern")
+    with pytest.raises(InterpError, match="out of range"):
+        interp.capture(smol, PROMPT, sites="blocks.*.attn.pattern", layers=[31])
+    with pytest.raises(InterpError, match="context of 8192"):
+        interp.capture(smol, {"input_ids": torch.ones(1, 8193, dtype=torch.long)}, sites="logits")
+
+
+def test_long_context_reducers_within_4gib():
+    """30 layers x 4,096 tokens, reducer-only: full patterns would need ~17 GB."""
+    code = ("import resource, torch, interp\n"
+            "torch.set_num_threads(2)\n"
+            "m = interp.load('smollm2')\n"
+            "ids = torch.randint(100, 40000, (1, 4096), generator=torch.Generator().manual_seed(0))\n"
+            "tr = interp.capture(m, {'input_ids': ids}, reducers=[interp.KeyMass(), interp.Entropy()])\n"
+            "assert tr['blocks.29.attn.key_mass'].shape == (1, 9, 4096)\n"
+            "s = tr['blocks.29.attn.key_mass'].sum(-1)\n"
+            "assert torch.allclose(s, torch.full_like(s, 4096.0), rtol=1e-4)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak_gib = float(out.stdout.strip().splitlines()[-1])
+    print(f"peak RSS {peak_gib:.2f} GiB")
+    assert peak_gib < 4.0

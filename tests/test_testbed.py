@@ -1,0 +1,191 @@
+"""Tests for the multimodal testbed (scenes, tokenizer, committed checkpoints)."""
+
+import random
+
+import pytest
+import torch
+
+from interp.testbed import (
+    CHECKPOINT_DIR,
+    QUESTION_TYPES,
+    build_inputs,
+    diffusion_generate,
+    evaluate_accuracy,
+    load_testbed,
+    make_dataset,
+    make_scene,
+    object_patch_mask,
+    pixel_patch_mask,
+)
+from interp.testbed.scenes import BACKGROUND, COLOUR_RGB, GRID, PATCH, scene_seed
+
+torch.set_num_threads(2)
+
+
+# ---------------------------------------------------------------------- scenes
+def test_scenes_deterministic():
+    a, b = make_scene(1234), make_scene(1234)
+    assert torch.equal(a.image, b.image)
+    assert a.objects == b.objects
+    assert a.questions() == b.questions()
+    c = make_scene(1235)
+    assert not torch.equal(a.image, c.image)
+    assert a.image.shape == (3, 32, 32) and a.image.dtype == torch.float32
+    assert 0.0 <= a.image.min() and a.image.max() <= 1.0
+    d1 = make_dataset(5, seed=0, split="test")
+    d2 = make_dataset(5, seed=0, split="test")
+    assert all(torch.equal(x.image, y.image) for x, y in zip(d1, d2))
+
+
+def test_splits_disjoint():
+    tr = {scene_seed(i, 0, "train") for i in range(1000)}
+    te = {scene_seed(i, 0, "test") for i in range(1000)}
+    va = {scene_seed(i, 0, "val") for i in range(1000)}
+    assert not (tr & te) and not (tr & va) and not (va & te)
+
+
+def test_patch_masks_match_pixels():
+    bg = torch.tensor(BACKGROUND).view(3, 1, 1)
+    for seed in range(300):
+        s = make_scene(seed)
+        assert 1 <= len(s.objects) <= 3
+        union = torch.zeros(64, dtype=torch.bool)
+        for o in s.objects:
+            m = object_patch_mask(s, o)
+            assert m.dtype == torch.bool and m.shape == (64,)
+            assert not (m & union).any()  # objects never share a patch
+            union |= m
+            # pixels of this object's colour inside its box -> exactly its patches
+            x0, y0, x1, y1 = o.box
+            assert x0 % PATCH == 0 and y0 % PATCH == 0 and x1 % PATCH == 0 and y1 % PATCH == 0
+            rgb = torch.tensor(COLOUR_RGB[o.colour]).view(3, 1, 1)
+            pix = torch.zeros(32, 32, dtype=torch.bool)
+            pix[y0:y1, x0:x1] = ((s.clean_image - rgb).abs().sum(0) < 1e-6)[y0:y1, x0:x1]
+            from_pixels = pix.view(GRID, PATCH, GRID, PATCH).any(3).any(1).reshape(-1)
+            assert torch.equal(from_pixels, m), (seed, o)
+            assert torch.equal(object_patch_mask(s, s.objects.index(o)), m)
+        assert torch.equal(union, pixel_patch_mask(s))
+        # everything outside the objects is background
+        outside = ~union.view(GRID, 1, GRID, 1).expand(GRID, PATCH, GRID, PATCH).reshape(32, 32)
+        assert ((s.clean_image - bg).abs().sum(0)[outside] < 1e-6).all()
+
+
+def test_questions_well_formed():
+    n_yes = n_no = 0
+    for seed in range(400):
+        s = make_scene(seed)
+        shapes = [o.shape for o in s.objects]
+        qs = s.questions()
+        assert {q.qtype for q in qs} <= set(QUESTION_TYPES)
+        for q in qs:
+            obj = s.question_object(q)
+            if q.qtype in ("colour", "where"):
+                assert shapes.count(obj.shape) == 1 and obj.shape in q.text
+                assert q.answer == (obj.colour if q.qtype == "colour" else obj.quadrant)
+            elif q.qtype == "exist":
+                words = q.text.split()
+                present = (words[3], words[4]) in {(o.colour, o.shape) for o in s.objects}
+                assert q.answer == ("yes" if present else "no")
+                assert (obj is not None) == present
+                n_yes += q.answer == "yes"
+                n_no += q.answer == "no"
+            elif q.qtype == "count":
+                assert q.answer == ["one", "two", "three"][len(s.objects) - 1] and obj is None
+            elif q.qtype == "caption":
+                assert q.answer == f"{s.objects[0].colour} {s.objects[0].shape}" and obj is s.objects[0]
+            assert len(q.answer.split()) <= 2
+    assert 0.4 < n_yes / (n_yes + n_no) < 0.6
+
+
+# ---------------------------------------------------------------------- models
+@pytest.fixture(scope="module")
+def ar():
+    return load_testbed("llava_ar")
+
+
+@pytest.fixture(scope="module")
+def dif():
+    return load_testbed("llada_diffusion")
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    # seed 7 of the test split: disjoint from training scenes and from the scenes used
+    # for the numbers in TRAINING.md
+    return make_dataset(100, seed=7, split="test")
+
+
+def test_checkpoint_files():
+    for name in ("llava_ar", "llada_diffusion"):
+        d = CHECKPOINT_DIR / name
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "testbed.json"):
+            assert (d / f).is_file(), d / f
+        assert (d / "model.safetensors").stat().st_size < 4_000_000
+
+
+def test_build_inputs_format(ar):
+    model, tok, meta = ar
+    s = make_scene(99)
+    q = s.question("count")
+    inp = build_inputs(tok, meta, s, q)
+    ids = inp["input_ids"][0]
+    assert ids[0] == tok.bos_token_id
+    assert (ids[1:65] == meta["image_token_id"]).all() and (ids == meta["image_token_id"]).sum() == 64
+    assert tok.decode(ids[65:]) == "user : how many objects ? assistant :"
+    assert inp["pixel_values"].shape == (1, 3, 32, 32)
+    assert inp["attention_mask"].shape == inp["input_ids"].shape
+    full = build_inputs(tok, meta, s, q, answer=q.answer)["input_ids"][0]
+    assert tok.decode(full[65:]) == f"user : how many objects ? assistant : {q.answer} <eos>"
+    assert model.config.text_config.is_causal and model.config.image_token_id == meta["image_token_id"]
+
+
+def test_ar_accuracy(ar, heldout):
+    model, tok, meta = ar
+    acc = evaluate_accuracy(model, tok, meta, heldout, kind="ar")
+    for t in QUESTION_TYPES:
+        assert acc[t] >= 0.9, acc
+
+
+def test_diffusion_accuracy(dif, heldout):
+    model, tok, meta = dif
+    acc = evaluate_accuracy(model, tok, meta, heldout, kind="diffusion")
+    assert acc["overall"] >= 0.85, acc
+
+
+def _later_token_effect(model, tok, meta):
+    s = make_scene(5)
+    q = s.question("colour")
+    inp = build_inputs(tok, meta, s, q, answer=q.answer)
+    ids = inp["input_ids"]
+    ids2 = ids.clone()
+    ids2[0, -2] = tok.convert_tokens_to_ids("no" if q.answer != "no" else "yes")
+    with torch.no_grad():
+        a = model(input_ids=ids, pixel_values=inp["pixel_values"]).logits
+        b = model(input_ids=ids2, pixel_values=inp["pixel_values"]).logits
+    return (a[0, :-2] - b[0, :-2]).abs().max().item()
+
+
+def test_attention_direction(ar, dif):
+    assert _later_token_effect(*ar) == 0.0  # causal: later tokens never affect earlier logits
+    assert _later_token_effect(*dif) > 1e-4  # bidirectional
+
+
+def test_diffusion_generate_trace(dif):
+    model, tok, meta = dif
+    scenes = make_dataset(4, seed=3, split="test")
+    qs = [s.question("caption") for s in scenes]
+    inps = [build_inputs(tok, meta, s, q) for s, q in zip(scenes, qs)]
+    ids = torch.cat([i["input_ids"] for i in inps])
+    px = torch.cat([i["pixel_values"] for i in inps])
+    L = ids.shape[1]
+    x, trace = diffusion_generate(model, ids, px, gen_len=meta["gen_len"], steps=meta["gen_len"], block_len=1,
+                                  mask_id=meta["mask_token_id"], return_trace=True)
+    assert torch.equal(x[:, :L], ids) and not (x == meta["mask_token_id"]).any()
+    assert len(trace.committed) == meta["gen_len"]
+    total = torch.stack(trace.committed).sum(0)
+    assert (total[:, :L] == 0).all() and (total[:, L:] == 1).all()  # each generated position once
+    # block_len=1 -> left-to-right order
+    assert torch.equal(trace.step_of, torch.arange(meta["gen_len"]).expand(4, -1))
+    x2 = diffusion_generate(model, ids, px, gen_len=meta["gen_len"], steps=meta["gen_len"],
+                            block_len=meta["gen_len"], mask_id=meta["mask_token_id"])
+    assert x2.shape == x.shape
