@@ -6,10 +6,13 @@
 """
 from .capture import Entropy, KeyMass, Reducer, RoleMass, TopK, capture
 from .errors import InterpError
+from .finding import Finding
 from .model import Model, load
+from .patch import patch
 from .roles import Batch, Roles
+from .spec import Spec
 from .trace import Trace
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "capture", "Trace", "Roles", "Batch", "Reducer", "KeyMass", "RoleMass",
-           "Entropy", "TopK", "InterpError", "__version__"]
+           "Entropy", "TopK", "InterpError", "Finding", "Spec", "patch", "__version__"]

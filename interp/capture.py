@@ -322,9 +322,8 @@ def capture(model, inputs, sites=None, reducers: Sequence[Reducer] = (), *, laye
                 handles.append(ad.attn[l].register_forward_hook(keep(n), with_kwargs=True))
             elif k == "mlp.out":
                 handles.append(ad.mlp[l].register_forward_hook(keep(n), with_kwargs=True))
-        model.engine.query_valid = batch.attention_mask.bool()
         ctx = torch.enable_grad() if grad else torch.no_grad()
-        with ctx, model.engine.using(hook):
+        with ctx, model.engine.running(batch), model.engine.using(hook):
             out = model.hf(**batch.model_inputs())
         values: dict = {}
         for n in names:  # keep the requested order
@@ -335,7 +334,6 @@ def capture(model, inputs, sites=None, reducers: Sequence[Reducer] = (), *, laye
     finally:
         for h in handles:
             h.remove()
-        model.engine.query_valid = None
     trace = Trace(values, batch.input_ids, batch.attention_mask, batch.tokens, batch.roles,
                   {"model": model.identity(), "sites": names, "reducers": [type(r).__name__ for r in reducers]},
                   grads=grad)

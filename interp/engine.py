@@ -17,7 +17,6 @@ what it computed before.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -65,8 +64,11 @@ class Engine:
 
     def __init__(self, attn_modules: list[nn.Module]):
         self.hooks: list[AttentionHook] = []
-        self.query_valid: torch.Tensor | None = None
-        self.position_offset = 0
+        self.query_valid: torch.Tensor | None = None  # bool [b, T] of the running inputs (False at padding)
+        self.roles = None  # list[Roles] of the running inputs, for role selectors
+        self.offset = 0  # tokens already in the KV cache (generation)
+        self.step: int | None = None  # denoising step (diffusion LMs), for step-scoped edits
+        self.sinks: dict[int, torch.Tensor] = {}  # layer -> bool [b, T] sink tokens found at run time
         for i, m in enumerate(attn_modules):
             m._interp_engine = self
             m._interp_layer = i
@@ -76,6 +78,16 @@ class Engine:
         for h in self.hooks:
             out |= h.needs(layer)
         return out
+
+    @contextlib.contextmanager
+    def running(self, batch) -> Iterator[None]:
+        """Make the roles and padding of ``batch`` known to hooks while it runs."""
+        saved = (self.query_valid, self.roles)
+        self.query_valid, self.roles = batch.attention_mask.bool(), batch.roles
+        try:
+            yield
+        finally:
+            self.query_valid, self.roles = saved
 
     @contextlib.contextmanager
     def using(self, *hooks: AttentionHook) -> Iterator[None]:
@@ -205,6 +217,3 @@ def register() -> None:
 def entropy(weights: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) along the last axis, 0·log 0 = 0."""
     return -(weights * torch.log(weights.clamp_min(1e-30))).sum(-1)
-
-
-LOG2 = math.log(2.0)

@@ -78,6 +78,23 @@ class Model:
         batch = inputs if isinstance(inputs, Batch) else self.encode(inputs, **kw)
         return self.hf(**batch.model_inputs()).logits
 
+    @torch.no_grad()
+    def generate(self, inputs, max_new_tokens: int = 20, **gen_kw) -> list[str]:
+        """Greedy generation (by default), one prompt at a time, with roles known to active specs."""
+        batch = inputs if isinstance(inputs, Batch) else self.encode(inputs)
+        texts = []
+        for i in range(len(batch)):
+            n = int(batch.attention_mask[i].sum())
+            one = Batch(batch.input_ids[i:i + 1, :n], batch.attention_mask[i:i + 1, :n], batch.roles[i:i + 1],
+                        batch.tokens[i:i + 1], batch.texts[i:i + 1], batch.extra)
+            gen_kw.setdefault("do_sample", False)
+            pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+            with self.engine.running(one):
+                out = self.hf.generate(**one.model_inputs(), max_new_tokens=max_new_tokens, pad_token_id=pad, **gen_kw)
+            new = out[0, n:]
+            texts.append(self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer else new.tolist())
+        return texts
+
     def __repr__(self) -> str:
         return (f"Model({self.name!r}, family={self.family}, layers={self.n_layers}, heads={self.n_heads}, "
                 f"kv_heads={self.n_kv_heads}, d_model={self.d_model})")

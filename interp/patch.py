@@ -1,0 +1,327 @@
+"""``interp.patch(model, spec)``: the one patching layer. A context manager that applies a Spec's
+edits through the engine's attention function and forward hooks; leaving it restores the model.
+
+Each op is one formula (METHODS.md §0 primitives P1–P6). z = pre-softmax logits of a query row,
+A = softmax(z), O = per-head output before the output projection, h = residual stream:
+
+* ``attn.scale_weights``  renormalize: A' = normalise(A ⊙ γ^{1[k∈K]}) ≡ softmax(z + log γ·1_K) (P1, runs
+  under SDPA as a logit bias; γ = 0 is a knockout); without renormalize: A'_{qk} = γ A_{qk} (P2, eager).
+* ``attn.add_logit_bias`` z' = z + B, B a constant on (Q, K), λ·g(|q−k|) with g ∈ {log1p(d/d0),
+  d/d0, 1}, or a sidecar tensor (P1, SDPA).
+* ``attn.replace_pattern`` local_window: z'_{qk} = −∞ for k ≤ q − w (key 0 kept if keep_sink) (P1/P6,
+  SDPA); copy_head: A'^{h} = A^{h*} (P3, eager).
+* ``attn.knockout``       z'_{qk} = −∞ for q ∈ targets, k ∈ sources (P6, SDPA).
+* ``attn.head_scale``     O'^{h} = α O^{h} (P4).   ``attn.head_ablate``  O'^{h} = 0 or mean_t O^{h}_t.
+* ``resid.add``           h'_t = h_t + s·v (P5).   ``resid.suppress_dims`` h'_{t,c} = 0 | mean_c | clamp.
+* ``patch``               x'_t = x^{src}_t at a site, from a saved Trace (activation patching).
+
+A row whose every visible key would be blocked keeps its original distribution (blocking is a
+finite −1e9 bias, so such a row cannot become NaN).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+
+from .engine import AttnCall
+from .errors import InterpError
+from .roles import Roles
+from .spec import Spec
+
+BLOCK = -1e9  # logit bias that removes a key (exp underflows to exactly 0 in fp32)
+
+
+def _kind(e: dict) -> str:
+    op = e["op"]
+    if op == "attn.scale_weights":
+        return "bias" if e.get("renormalize", True) else "weights"
+    if op in ("attn.add_logit_bias", "attn.knockout"):
+        return "bias"
+    if op == "attn.replace_pattern":
+        return "bias" if e["mode"] == "local_window" else "weights"
+    if op in ("attn.head_scale", "attn.head_ablate") or (op == "patch" and e["site"] == "attn.z"):
+        return "z"
+    return "resid"
+
+
+class _SpecHook:
+    """A compiled Spec: attention edits by layer, plus residual edits as forward hooks."""
+
+    def __init__(self, model, spec: Spec):
+        self.model, self.spec = model, spec
+        self.engine = model.engine
+        n_layers, n_heads = model.n_layers, model.n_heads
+        self.by_layer: dict[int, list[tuple[dict, str, int]]] = {}
+        for e in spec.edits:
+            layers = list(range(n_layers)) if e["layers"] == "all" else e["layers"]
+            for j, l in enumerate(layers):
+                self.by_layer.setdefault(l, []).append((e, _kind(e), j))
+        self.n_heads = n_heads
+        self.head_masks = {}
+        for e in spec.edits:
+            hm = torch.zeros(n_heads, dtype=torch.bool)
+            hm[list(range(n_heads)) if e.get("heads", "all") == "all" else e["heads"]] = True
+            self.head_masks[id(e)] = hm
+
+    # selectors ----------------------------------------------------------------------
+    def _active(self, e) -> bool:
+        return "steps" not in e or self.engine.step in e["steps"]
+
+    def _roles(self, b: int, length: int) -> list[Roles]:
+        rl = self.engine.roles
+        if rl is None:
+            return [Roles({"bos": [0]}, length=length) for _ in range(b)]
+        return [Roles(r, length=length) for r in rl[:b]] if len(rl) >= b else [Roles(rl[0], length=length)] * b
+
+    def _select(self, sel, b: int, length: int, layer: int) -> torch.Tensor:
+        """bool [b, length] for a token selector at this call."""
+        out = torch.zeros(b, length, dtype=torch.bool)
+        if sel == "sink" or (isinstance(sel, list) and "sink" in sel):
+            sinks = self.engine.sinks.get(layer)
+            if sinks is None:
+                raise InterpError("the 'sink' selector needs spec.sink = {'dims': [...], 'tau': ...}")
+            out |= sinks[:, :length]
+            if sel == "sink":
+                return out
+            sel = [s for s in sel if s != "sink"]
+        for i, r in enumerate(self._roles(b, length)):
+            try:
+                out[i, r.positions(sel)] = True
+            except InterpError as err:
+                if self.engine.roles is None and "role" in str(err):
+                    raise InterpError(f"{err}. Roles come from the inputs: run through interp.capture, "
+                                      "interp.generate or interp.evaluate, or pass roles= to interp.patch") from None
+                raise
+        return out
+
+    # AttentionHook --------------------------------------------------------------------
+    def needs(self, layer):
+        return {k for e, k, _ in self.by_layer.get(layer, ()) if k != "resid" and self._active(e)}
+
+    def logit_bias(self, layer, call: AttnCall, q, k):
+        b = q.shape[0]
+        total = None
+        for e, kind, _ in self.by_layer.get(layer, ()):
+            if kind != "bias" or not self._active(e):
+                continue
+            qsel = self._select(e.get("queries", "all"), b, call.k_len, layer)[:, call.q_start:call.q_start + call.q_len]
+            op = e["op"]
+            qpos = call.q_positions[:, None].float()
+            kpos = torch.arange(call.k_len)[None, :].float()
+            if op == "attn.add_logit_bias" and "distance" in e:
+                d = e["distance"]
+                dist = (qpos - kpos).abs() / float(d.get("d0", 1.0))
+                g = {"log1p": torch.log1p(dist), "linear": dist, "constant": torch.ones_like(dist)}[d["fn"]]
+                val = float(d.get("scale", 1.0)) * g  # [q, k]
+                ksel = self._select(e.get("keys", "all"), b, call.k_len, layer)
+                edge = qsel[:, :, None] & ksel[:, None, :]
+                bias = torch.where(edge, val[None], 0.0)
+            elif op == "attn.add_logit_bias" and "tensor" in e:
+                t = self.spec.tensors[e["tensor"]].float()
+                t = t[..., call.q_start:call.q_start + call.q_len, :call.k_len]
+                bias = (t if t.dim() == 3 else t[None]).expand(self.n_heads, -1, -1)[None] * qsel[:, None, :, None]
+                bias = bias.expand(b, -1, -1, -1)
+            elif op == "attn.replace_pattern":  # local window
+                w = int(e["window"])
+                far = kpos <= qpos - w
+                if e.get("keep_sink", True):
+                    far[:, 0] = False
+                bias = torch.where(qsel[:, :, None] & far[None], BLOCK, 0.0)
+            else:
+                ksel = self._select(e["keys"] if "keys" in e else "all", b, call.k_len, layer)
+                edge = qsel[:, :, None] & ksel[:, None, :]
+                if op == "attn.knockout":
+                    val = BLOCK
+                elif op == "attn.scale_weights":
+                    val = math.log(e["factor"]) if e["factor"] > 0 else BLOCK
+                else:
+                    val = float(e["bias"])
+                bias = torch.where(edge, val, 0.0)
+            if bias.dim() == 3:
+                bias = bias[:, None].expand(-1, self.n_heads, -1, -1)
+            bias = bias * self.head_masks[id(e)][None, :, None, None]
+            total = bias if total is None else total + bias
+        return None if total is None else total.to(q.dtype)
+
+    def on_logits(self, layer, logits, call):
+        return None
+
+    def on_weights(self, layer, w, call: AttnCall):
+        b = w.shape[0]
+        for e, kind, _ in self.by_layer.get(layer, ()):
+            if kind != "weights" or not self._active(e):
+                continue
+            qsel = self._select(e.get("queries", "all"), b, call.k_len, layer)[:, call.q_start:call.q_start + call.q_len]
+            hm = self.head_masks[id(e)]
+            rows = qsel[:, None, :, None] & hm[None, :, None, None]  # [b, h, q, 1]
+            if e["op"] == "attn.scale_weights":
+                ksel = self._select(e["keys"], b, call.k_len, layer)
+                factor = torch.where(rows & ksel[:, None, None, :], float(e["factor"]), 1.0)
+                w = w * factor.to(w.dtype)
+            else:  # copy_head
+                src = w[:, int(e["source_head"])][:, None].expand_as(w)
+                w = torch.where(rows, src, w)
+        return w
+
+    def on_z(self, layer, z, call: AttnCall, v, weights):  # z [b, q, h, d]
+        b = z.shape[0]
+        for e, kind, j in self.by_layer.get(layer, ()):
+            if kind != "z" or not self._active(e):
+                continue
+            key = "positions" if e["op"] == "patch" else "queries"
+            qsel = self._select(e.get(key, "all"), b, call.k_len, layer)[:, call.q_start:call.q_start + call.q_len]
+            where = qsel[:, :, None, None] & self.head_masks[id(e)][None, None, :, None]
+            if e["op"] == "attn.head_scale":
+                z = torch.where(where, z * float(e["factor"]), z)
+            elif e["op"] == "attn.head_ablate":
+                if e.get("mode", "zero") == "zero":
+                    repl = torch.zeros_like(z)
+                elif "tensor" in e:
+                    t = self.spec.tensors[e["tensor"]].to(z.dtype)
+                    repl = (t[j] if t.dim() == 3 else t)[None, None].expand_as(z)
+                else:  # mean over the real tokens of this run
+                    valid = call.query_valid
+                    wts = (valid.to(z.dtype) if valid is not None else torch.ones(z.shape[:2], dtype=z.dtype))
+                    repl = ((z * wts[..., None, None]).sum(1, keepdim=True) / wts.sum(1).clamp_min(1)[:, None, None, None])
+                    repl = repl.expand_as(z)
+                z = torch.where(where, repl, z)
+            else:  # patch attn.z from a source run [b|1, T, h, d]
+                src = self.spec.tensors[e["tensor"]].to(z.dtype)
+                src = (src[j] if src.dim() == 5 else src)[:, call.q_start:call.q_start + call.q_len]
+                z = torch.where(where, src.expand_as(z), z)
+        return z
+
+    # residual edits ---------------------------------------------------------------------
+    def resid_hooks(self) -> list:
+        ad, handles = self.model.adapter, []
+        for l, edits in self.by_layer.items():
+            for e, kind, j in edits:
+                if kind != "resid":
+                    continue
+                site = e.get("site", "resid_post")
+                if site == "resid_pre":
+                    handles.append(ad.layers[l].register_forward_pre_hook(self._pre(e, j, l), with_kwargs=True))
+                else:
+                    module = {"resid_post": ad.layers[l], "attn.out": ad.attn[l], "mlp.out": ad.mlp[l]}[site]
+                    handles.append(module.register_forward_hook(self._post(e, j, l), with_kwargs=True))
+        return handles
+
+    def _edit_resid(self, e, j, layer, h):
+        if not self._active(e):
+            return h
+        b, T, d = h.shape
+        off = self.engine.offset
+        sel = self._select(e.get("positions", "all"), b, off + T, layer)[:, off:off + T]
+        op = e["op"]
+        if op == "resid.add":
+            t = self.spec.tensors[e["tensor"]].to(h.dtype)
+            vec = t[j] if t.dim() == 2 else t
+            return h + float(e.get("scale", 1.0)) * vec * sel[..., None].to(h.dtype)
+        if op == "resid.suppress_dims":
+            dims = e["dims"]
+            cols = torch.zeros(d, dtype=torch.bool)
+            cols[dims] = True
+            where = sel[..., None] & cols
+            mode = e.get("mode", "zero")
+            if mode == "zero":
+                return torch.where(where, torch.zeros_like(h), h)
+            if mode == "clamp":
+                lim = float(e.get("value", 0.0))
+                return torch.where(where, h.clamp(-lim, lim), h)
+            vals = torch.zeros(d, dtype=h.dtype)
+            if "tensor" in e:
+                t = self.spec.tensors[e["tensor"]].to(h.dtype)
+                vals[dims] = t[j] if t.dim() == 2 else t
+            elif "value" in e:
+                vals[dims] = float(e["value"])
+            else:
+                raise InterpError("resid.suppress_dims mode 'mean' needs 'tensor' (per-dim means) or 'value'")
+            return torch.where(where, vals.expand_as(h), h)
+        # patch: a source activation [b|1, T, d] (or [n_layers_in_edit, b, T, d])
+        src = self.spec.tensors[e["tensor"]].to(h.dtype)
+        src = src[j] if src.dim() == 4 else src
+        src = src[:, off:off + T]
+        if src.shape[1] != T:
+            raise InterpError(f"patch source has {src.shape[1]} positions here but the run has {T}: "
+                              "patch runs of the same length")
+        return torch.where(sel[..., None], src.expand_as(h), h)
+
+    def _pre(self, e, j, layer):
+        def fn(mod, args, kwargs):
+            if args:
+                return (self._edit_resid(e, j, layer, args[0]),) + tuple(args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = self._edit_resid(e, j, layer, kwargs["hidden_states"])
+            return args, kwargs
+        return fn
+
+    def _post(self, e, j, layer):
+        def fn(mod, args, kwargs, out):
+            if isinstance(out, tuple):
+                return (self._edit_resid(e, j, layer, out[0]),) + tuple(out[1:])
+            return self._edit_resid(e, j, layer, out)
+        return fn
+
+
+@contextlib.contextmanager
+def patch(model, *specs: Spec, roles: list[Roles] | None = None) -> Iterator[None]:
+    """Apply specs (in order) inside the ``with`` block; the model is restored on exit, even on error."""
+    if not specs:
+        raise InterpError("interp.patch needs at least one Spec")
+    compiled = []
+    for s in specs:
+        if isinstance(s, (str, bytes)) or not isinstance(s, Spec):
+            raise InterpError(f"interp.patch takes Spec objects (Spec.load(path)), got {type(s).__name__}")
+        s.validate()
+        s.check(model)
+        compiled.append(_SpecHook(model, s))
+    eng, ad = model.engine, model.adapter
+    handles = []
+    saved = (eng.roles, eng.offset, dict(eng.sinks))
+    try:
+        handles.append(ad.lm.register_forward_pre_hook(_track_offset(eng), with_kwargs=True))
+        for c in compiled:
+            if c.spec.sink is not None:
+                handles += _sink_hooks(model, c.spec.sink)
+            handles += c.resid_hooks()
+        if roles is not None:
+            eng.roles = roles
+        with eng.using(*compiled):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+        eng.roles, eng.offset = saved[0], saved[1]
+        eng.sinks.clear()
+        eng.sinks.update(saved[2])
+
+
+def _track_offset(eng):
+    def fn(mod, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        try:
+            eng.offset = int(cache.get_seq_length()) if cache is not None else 0
+        except Exception:
+            eng.offset = 0
+    return fn
+
+
+def _sink_hooks(model, sink: dict) -> list:
+    """Find sink tokens per layer: φ(x_j) = max_{c∈dims} |x_j,c| / rms(x_j) > τ (METHODS §1d)."""
+    eng, dims, tau = model.engine, list(sink["dims"]), float(sink.get("tau", 20.0))
+
+    def make(l):
+        def fn(mod, args, kwargs):
+            x = (args[0] if args else kwargs["hidden_states"]).detach().float()
+            xn = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+            phi = xn[..., dims].abs().amax(-1)
+            found = phi > tau
+            prev = eng.sinks.get(l)
+            if prev is not None and eng.offset > 0:
+                found = torch.cat([prev[:, :eng.offset], found], 1)
+            eng.sinks[l] = found
+        return fn
+    return [layer.register_forward_pre_hook(make(l), with_kwargs=True) for l, layer in enumerate(model.adapter.layers)]

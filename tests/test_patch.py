@@ -1,0 +1,307 @@
+"""Every op against a hand-written reference; neutral parameters are no-ops; specs refuse the wrong model."""
+import copy
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import interp
+from interp import InterpError, Spec
+from tests.conftest import random_ids, tiny_hf
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return interp.load(tiny_hf("llama", seed=1), name="tiny-llama")
+
+
+def ids_batch(n=12):
+    ids = random_ids(n, seed=3)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model.hf(**inputs).logits
+
+
+def spec(model, *edits, **kw):
+    return Spec.for_model(model, list(edits), **kw)
+
+
+class _ByHand:
+    """A hand-written P2 reference run through the engine: scale key set by γ, then renormalise."""
+
+    def __init__(self, layers, heads, keys, gamma):
+        self.layers, self.heads, self.keys, self.gamma = layers, heads, keys, gamma
+
+    def needs(self, layer):
+        return {"weights"} if layer in self.layers else set()
+
+    def on_weights(self, layer, w, call):
+        w = w.clone()
+        for h in self.heads:
+            w[:, h, :, self.keys] *= self.gamma
+            w[:, h] = w[:, h] / w[:, h].sum(-1, keepdim=True)
+        return w
+
+
+def test_scale_renormalised_equals_p2_by_hand_and_log_bias(llama):
+    x = ids_batch()
+    s = spec(llama, {"op": "attn.scale_weights", "layers": [0, 2], "heads": [1, 3], "keys": [0, 4], "factor": 2.5})
+    with interp.patch(llama, s):
+        got = interp.capture(llama, x, sites=["blocks.*.attn.pattern", "logits"])
+    with torch.no_grad(), llama.engine.using(_ByHand([0, 2], [1, 3], [0, 4], 2.5)):
+        ref = interp.capture(llama, x, sites=["blocks.*.attn.pattern", "logits"])
+    for l in range(3):
+        assert (got[f"blocks.{l}.attn.pattern"] - ref[f"blocks.{l}.attn.pattern"]).abs().max() <= 1e-6
+        rows = got[f"blocks.{l}.attn.pattern"].sum(-1)
+        assert (rows - 1).abs().max() <= 1e-5
+    assert (got["logits"] - ref["logits"]).abs().max() <= 1e-5
+    # and the explicit log-γ logit bias form
+    b = spec(llama, {"op": "attn.add_logit_bias", "layers": [0, 2], "heads": [1, 3], "keys": [0, 4],
+                     "bias": float(torch.log(torch.tensor(2.5)))})
+    with interp.patch(llama, b):
+        assert (logits(llama, x) - got["logits"]).abs().max() <= 1e-6
+    # ratios between untouched keys are preserved
+    A0 = interp.capture(llama, x, sites="blocks.0.attn.pattern")["blocks.0.attn.pattern"]
+    A1 = got["blocks.0.attn.pattern"]
+    r0, r1 = A0[0, 1, 8, 5] / A0[0, 1, 8, 6], A1[0, 1, 8, 5] / A1[0, 1, 8, 6]
+    assert abs(r0 - r1) <= 1e-5
+
+
+def test_scale_key0_by_zero_equals_masking_key0(llama):
+    x = ids_batch()
+    s = spec(llama, {"op": "attn.scale_weights", "layers": "all", "queries": "1:", "keys": 0, "factor": 0.0})
+    with interp.patch(llama, s):
+        got = logits(llama, x)
+    ref = copy.deepcopy(llama.hf)
+    ref.set_attn_implementation("eager")
+    T = x["input_ids"].shape[1]
+    m = torch.full((T, T), torch.finfo(torch.float32).min).triu(1)
+    m[1:, 0] = torch.finfo(torch.float32).min
+    with torch.no_grad():
+        want = ref(input_ids=x["input_ids"], attention_mask=m[None, None]).logits
+    assert (got - want).abs().max() <= 1e-5
+
+
+def test_knockout_matches_explicit_mask_and_empty_set_is_noop(llama):
+    x = ids_batch()
+    s = spec(llama, {"op": "attn.knockout", "layers": [1], "queries": "last", "keys": "2:5"})
+    with interp.patch(llama, s):
+        got = interp.capture(llama, x, sites="blocks.1.attn.pattern")["blocks.1.attn.pattern"]
+    assert got[0, :, -1, 2:5].abs().max() == 0
+    assert (got.sum(-1) - 1).abs().max() <= 1e-5
+    base = logits(llama, x)
+    with interp.patch(llama, spec(llama, {"op": "attn.knockout", "layers": "all", "queries": "last", "keys": "none"})):
+        assert torch.equal(logits(llama, x), base)
+
+
+def test_head_ablate_equals_zeroing_the_slice_before_o_proj(llama):
+    x = ids_batch()
+    s = spec(llama, {"op": "attn.head_ablate", "layers": [1], "heads": [2], "mode": "zero"})
+    with interp.patch(llama, s):
+        got = logits(llama, x)
+    d = llama.head_dim
+
+    def zero(mod, args):
+        z = args[0].clone()
+        z[..., 2 * d:3 * d] = 0
+        return (z,)
+    h = llama.adapter.attn[1].o_proj.register_forward_pre_hook(zero)
+    try:
+        want = logits(llama, x)
+    finally:
+        h.remove()
+    assert (got - want).abs().max() <= 1e-6
+
+
+def test_head_scale_and_mean_ablate_by_hand(llama):
+    x = ids_batch()
+    tr = interp.capture(llama, x, sites="blocks.2.attn.z")
+    z = tr["blocks.2.attn.z"]
+    for edit, f in [({"mode": "mean"}, lambda t: t.mean(1, keepdim=True).expand_as(t)), (None, lambda t: 0.5 * t)]:
+        e = {"op": "attn.head_ablate", "layers": [2], "heads": [0], **edit} if edit else \
+            {"op": "attn.head_scale", "layers": [2], "heads": [0], "factor": 0.5}
+        with interp.patch(llama, spec(llama, e)):
+            got = interp.capture(llama, x, sites="blocks.2.attn.z")["blocks.2.attn.z"]
+        assert (got[:, :, 0] - f(z[:, :, 0])).abs().max() <= 1e-6
+        assert torch.equal(got[:, :, 1:], z[:, :, 1:])
+
+
+def test_patch_full_residual_reproduces_source_run(llama):
+    a, b = ids_batch(), {"input_ids": random_ids(12, seed=9)}
+    tr = interp.capture(llama, a, sites="blocks.1.resid_post")
+    s = spec(llama, {"op": "patch", "site": "resid_post", "layers": [1], "tensor": "src"},
+             tensors={"src": tr["blocks.1.resid_post"]})
+    with interp.patch(llama, s):
+        got = logits(llama, b)
+    assert (got - logits(llama, a)).abs().max() <= 1e-6
+
+
+def test_resid_add_and_suppress_dims_by_hand(llama):
+    x = ids_batch()
+    v = torch.randn(llama.d_model)
+    tr = interp.capture(llama, x, sites=["blocks.0.resid_post", "blocks.1.resid_pre"])
+    s = spec(llama, {"op": "resid.add", "layers": [0], "positions": "last", "tensor": "v", "scale": 2.0},
+             tensors={"v": v})
+    with interp.patch(llama, s):
+        got = interp.capture(llama, x, sites="blocks.1.resid_pre")["blocks.1.resid_pre"]
+    want = tr["blocks.0.resid_post"].clone()
+    want[:, -1] += 2.0 * v
+    assert (got - want).abs().max() <= 1e-6
+    s = spec(llama, {"op": "resid.suppress_dims", "layers": [1], "site": "resid_pre", "positions": [0, 3],
+                     "dims": [5, 7], "mode": "mean", "value": 1.5})
+    with interp.patch(llama, s):
+        got = interp.capture(llama, x, sites="blocks.1.resid_pre")["blocks.1.resid_pre"]
+    want = tr["blocks.1.resid_pre"].clone()
+    for p in (0, 3):
+        want[:, p, [5, 7]] = 1.5
+    assert torch.equal(got, want)
+
+
+def test_local_window_and_copy_head(llama):
+    x = ids_batch()
+    s = spec(llama, {"op": "attn.replace_pattern", "layers": [0], "mode": "local_window", "window": 3})
+    with interp.patch(llama, s):
+        A = interp.capture(llama, x, sites="blocks.0.attn.pattern")["blocks.0.attn.pattern"][0]
+    q, k = torch.meshgrid(torch.arange(12), torch.arange(12), indexing="ij")
+    far = (k <= q - 3) & (k > 0)
+    assert A[:, far].abs().max() == 0 and (A.sum(-1) - 1).abs().max() <= 1e-5
+    s = spec(llama, {"op": "attn.replace_pattern", "layers": [0], "heads": [1, 2], "mode": "copy_head", "source_head": 3})
+    with interp.patch(llama, s):
+        A = interp.capture(llama, x, sites="blocks.0.attn.pattern")["blocks.0.attn.pattern"][0]
+    assert torch.equal(A[1], A[3]) and torch.equal(A[2], A[3]) and (A.sum(-1) - 1).abs().max() <= 1e-5
+
+
+def test_distance_bias_closed_form(llama):
+    x = ids_batch()
+    base = interp.capture(llama, x, sites="blocks.0.attn.logits")["blocks.0.attn.logits"][0]
+    s = spec(llama, {"op": "attn.add_logit_bias", "layers": [0], "heads": [0], "keys": "0:4",
+                     "distance": {"fn": "log1p", "scale": 0.7, "d0": 2.0}})
+    with interp.patch(llama, s):
+        A = interp.capture(llama, x, sites="blocks.0.attn.pattern")["blocks.0.attn.pattern"][0, 0]
+    q, k = torch.meshgrid(torch.arange(12.), torch.arange(12.), indexing="ij")
+    bias = torch.where(k < 4, 0.7 * torch.log1p((q - k).abs() / 2.0), 0.0)
+    want = torch.softmax(base[0] + bias, -1)
+    assert (A - want).abs().max() <= 1e-6
+
+
+NEUTRAL = [
+    {"op": "attn.scale_weights", "layers": "all", "keys": "role:bos", "factor": 1.0},
+    {"op": "attn.add_logit_bias", "layers": "all", "keys": "all", "bias": 0.0},
+    {"op": "attn.add_logit_bias", "layers": "all", "distance": {"fn": "log1p", "scale": 0.0, "d0": 1.0}},
+    {"op": "attn.replace_pattern", "layers": "all", "mode": "local_window", "window": 100000},
+    {"op": "attn.knockout", "layers": "all", "queries": "all", "keys": "none"},
+    {"op": "attn.head_scale", "layers": "all", "factor": 1.0},
+    {"op": "resid.add", "layers": "all", "tensor": "zero", "scale": 0.0},
+    {"op": "resid.suppress_dims", "layers": "all", "dims": [0, 1], "mode": "clamp", "value": 1e30},
+]
+
+
+@pytest.mark.parametrize("edit", NEUTRAL, ids=lambda e: e["op"])
+def test_neutral_parameters_are_noops_on_smollm2(smol, edit):
+    b = smol.encode("The capital of France is Paris, and the capital of Spain is")
+    base = smol.logits(b)
+    s = spec(smol, edit, tensors={"zero": torch.ones(smol.d_model)})
+    with interp.patch(smol, s):
+        assert (smol.logits(b) - base).abs().max() <= 1e-6
+
+
+def test_neutral_weight_edits_equal_the_eager_baseline(smol):
+    """Weight edits need eager attention: at factor 1 they equal HF eager exactly."""
+    b = smol.encode("The capital of France is")
+    eager = copy.deepcopy(smol.hf)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        want = eager(**b.model_inputs()).logits
+    for e in [{"op": "attn.scale_weights", "layers": "all", "keys": "all", "factor": 1.0, "renormalize": False}]:
+        with interp.patch(smol, spec(smol, e)):
+            assert (smol.logits(b) - want).abs().max() <= 1e-6
+
+
+def test_json_roundtrip_deterministic_replay_and_sidecar(tmp_path, llama):
+    s = spec(llama, {"op": "resid.add", "layers": [1], "positions": "last", "tensor": "v", "scale": 0.5},
+             {"op": "attn.scale_weights", "layers": [0], "heads": [1], "keys": "role:bos", "factor": 0.3},
+             tensors={"v": torch.randn(llama.d_model)}, analysis="probes.sinks", params={"epsilon": 0.3})
+    path = s.save(tmp_path / "s.json")
+    back = Spec.load(path)
+    assert back.to_json() == s.to_json()
+    assert json.loads(path.read_text()) == s.to_dict()
+    assert torch.equal(back.tensors["v"], s.tensors["v"])
+    x = ids_batch()
+    with interp.patch(llama, back):
+        r1 = logits(llama, x)
+    with interp.patch(llama, back):
+        r2 = logits(llama, x)
+    assert torch.equal(r1, r2)
+
+
+def test_wrong_model_and_bad_ranges_refused(llama, smol):
+    s = spec(llama, {"op": "attn.head_scale", "layers": [0], "heads": [0], "factor": 2.0})
+    with pytest.raises(InterpError, match="written for tiny-llama"):
+        with interp.patch(smol, s):
+            pass
+    other = interp.load(tiny_hf("llama", seed=1).__class__(copy.deepcopy(llama.hf.config).__class__(
+        **{**llama.hf.config.to_dict(), "intermediate_size": 96})), name="other")
+    with pytest.raises(InterpError, match="fingerprint"):
+        s.check(other)
+    with pytest.raises(InterpError, match="heads.*out of range"):
+        spec(llama, {"op": "attn.head_scale", "layers": [0], "heads": [9], "factor": 2.0})
+    with pytest.raises(InterpError, match="layers.*out of range"):
+        spec(llama, {"op": "attn.head_scale", "layers": [3], "factor": 2.0})
+    with pytest.raises(InterpError, match="not valid JSON"):
+        Spec.from_json("{not json")
+    with pytest.raises(InterpError, match=r"edits\[0\].factor"):
+        Spec.from_dict({**s.to_dict(), "edits": [{"op": "attn.head_scale", "layers": [0], "factor": "big"}]})
+
+
+def test_exception_inside_patch_restores_model(llama):
+    x = ids_batch()
+    base = logits(llama, x)
+    s = spec(llama, {"op": "attn.head_scale", "layers": "all", "factor": 3.0},
+             {"op": "resid.add", "layers": [0], "tensor": "v"}, tensors={"v": torch.ones(llama.d_model)})
+    with pytest.raises(RuntimeError):
+        with interp.patch(llama, s):
+            assert not torch.equal(logits(llama, x), base)
+            raise RuntimeError("interrupted")
+    assert llama.engine.hooks == []
+    assert torch.equal(logits(llama, x), base)
+
+
+def test_patch_during_generation_acts_on_new_tokens(smol):
+    prompt = "The capital of France is"
+    plain = smol.generate(prompt, max_new_tokens=6)
+    s = spec(smol, {"op": "attn.head_scale", "layers": "all", "queries": "6:", "factor": 0.0})
+    with interp.patch(smol, s):  # only generated positions (>= 6) are edited: the first token is unchanged
+        edited = smol.generate(prompt, max_new_tokens=6)
+    assert edited[0] != plain[0]
+    assert smol.tokenizer(edited[0])["input_ids"][0] == smol.tokenizer(plain[0])["input_ids"][0]
+
+
+# ------------------------------------------------------------------------- fuzzing
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-5, 40), st.floats(allow_nan=True), st.text(max_size=8))
+_json = st.recursive(_leaf, lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=8), c, max_size=4)),
+                     max_leaves=12)
+_edit = st.fixed_dictionaries({"op": st.sampled_from(["attn.scale_weights", "attn.head_scale", "attn.knockout",
+                                                      "resid.add", "patch", "nope", "attn.add_logit_bias"])},
+                              optional={"layers": st.one_of(st.just("all"), st.lists(st.integers(-2, 5), max_size=3), _leaf),
+                                        "heads": st.one_of(st.just("all"), st.lists(st.integers(-1, 6), max_size=3), _leaf),
+                                        "keys": _json, "queries": _json, "factor": _leaf, "bias": _leaf,
+                                        "tensor": _leaf, "extra": _leaf, "renormalize": _leaf})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(_edit, max_size=3), top=st.dictionaries(st.sampled_from(["schema", "model", "junk"]), _json, max_size=2))
+def test_fuzzed_specs_only_raise_validation_errors(llama, edits, top):
+    doc = {**spec(llama).to_dict(), "edits": edits, **top}
+    x = ids_batch(8)
+    try:
+        s = Spec.from_dict(json.loads(json.dumps(doc)))
+        with interp.patch(llama, s):
+            logits(llama, x)
+    except InterpError:
+        return
+    # accepted: it must have been a valid, applicable spec
+    assert s.edits == edits
