@@ -6,6 +6,7 @@
 """
 from .capture import Entropy, KeyMass, Reducer, RoleMass, TopK, capture
 from .errors import InterpError
+from .evaluate import evaluate
 from .finding import Finding
 from .model import Model, load
 from .patch import patch
@@ -15,4 +16,4 @@ from .trace import Trace
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "capture", "Trace", "Roles", "Batch", "Reducer", "KeyMass", "RoleMass",
-           "Entropy", "TopK", "InterpError", "Finding", "Spec", "patch", "__version__"]
+           "Entropy", "TopK", "InterpError", "Finding", "Spec", "patch", "evaluate", "__version__"]

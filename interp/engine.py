@@ -66,6 +66,7 @@ class Engine:
         self.hooks: list[AttentionHook] = []
         self.query_valid: torch.Tensor | None = None  # bool [b, T] of the running inputs (False at padding)
         self.roles = None  # list[Roles] of the running inputs, for role selectors
+        self.batch_len = 0  # padded length of the running inputs (tokens beyond it are generated)
         self.offset = 0  # tokens already in the KV cache (generation)
         self.step: int | None = None  # denoising step (diffusion LMs), for step-scoped edits
         self.sinks: dict[int, torch.Tensor] = {}  # layer -> bool [b, T] sink tokens found at run time
@@ -82,12 +83,13 @@ class Engine:
     @contextlib.contextmanager
     def running(self, batch) -> Iterator[None]:
         """Make the roles and padding of ``batch`` known to hooks while it runs."""
-        saved = (self.query_valid, self.roles)
+        saved = (self.query_valid, self.roles, self.batch_len)
         self.query_valid, self.roles = batch.attention_mask.bool(), batch.roles
+        self.batch_len = batch.input_ids.shape[1]
         try:
             yield
         finally:
-            self.query_valid, self.roles = saved
+            self.query_valid, self.roles, self.batch_len = saved
 
     @contextlib.contextmanager
     def using(self, *hooks: AttentionHook) -> Iterator[None]:

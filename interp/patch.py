@@ -5,7 +5,9 @@ Each op is one formula (METHODS.md §0 primitives P1–P6). z = pre-softmax logi
 A = softmax(z), O = per-head output before the output projection, h = residual stream:
 
 * ``attn.scale_weights``  renormalize: A' = normalise(A ⊙ γ^{1[k∈K]}) ≡ softmax(z + log γ·1_K) (P1, runs
-  under SDPA as a logit bias; γ = 0 is a knockout); without renormalize: A'_{qk} = γ A_{qk} (P2, eager).
+  under SDPA as a logit bias; γ = 0 is a knockout); with ``redistribute_to`` R (ACT, VAR):
+  A'_K = γ A_K and A'_R = A_R + (1−γ) Σ_K A · A_R / Σ_R A (P2, rows keep their sum);
+  without renormalize: A'_{qk} = γ A_{qk} (P2, eager, rows no longer sum to 1).
 * ``attn.add_logit_bias`` z' = z + B, B a constant on (Q, K), λ·g(|q−k|) with g ∈ {log1p(d/d0),
   d/d0, 1}, or a sidecar tensor (P1, SDPA).
 * ``attn.replace_pattern`` local_window: z'_{qk} = −∞ for k ≤ q − w (key 0 kept if keep_sink) (P1/P6,
@@ -37,7 +39,7 @@ BLOCK = -1e9  # logit bias that removes a key (exp underflows to exactly 0 in fp
 def _kind(e: dict) -> str:
     op = e["op"]
     if op == "attn.scale_weights":
-        return "bias" if e.get("renormalize", True) else "weights"
+        return "bias" if e.get("renormalize", True) and "redistribute_to" not in e else "weights"
     if op in ("attn.add_logit_bias", "attn.knockout"):
         return "bias"
     if op == "attn.replace_pattern":
@@ -71,10 +73,13 @@ class _SpecHook:
         return "steps" not in e or self.engine.step in e["steps"]
 
     def _roles(self, b: int, length: int) -> list[Roles]:
+        """Roles of the running sequences; each one's length grows with generated tokens."""
         rl = self.engine.roles
         if rl is None:
             return [Roles({"bos": [0]}, length=length) for _ in range(b)]
-        return [Roles(r, length=length) for r in rl[:b]] if len(rl) >= b else [Roles(rl[0], length=length)] * b
+        rl = rl[:b] if len(rl) >= b else [rl[0]] * b
+        extra = max(0, length - self.engine.batch_len)
+        return [Roles(r, length=min(length, r.length + extra)) for r in rl]
 
     def _select(self, sel, b: int, length: int, layer: int) -> torch.Tensor:
         """bool [b, length] for a token selector at this call."""
@@ -158,9 +163,16 @@ class _SpecHook:
             hm = self.head_masks[id(e)]
             rows = qsel[:, None, :, None] & hm[None, :, None, None]  # [b, h, q, 1]
             if e["op"] == "attn.scale_weights":
-                ksel = self._select(e["keys"], b, call.k_len, layer)
-                factor = torch.where(rows & ksel[:, None, None, :], float(e["factor"]), 1.0)
-                w = w * factor.to(w.dtype)
+                ksel = self._select(e["keys"], b, call.k_len, layer)[:, None, None, :]
+                scaled = torch.where(rows & ksel, w * float(e["factor"]), w)
+                if "redistribute_to" in e:  # ACT/VAR: removed mass goes to R in proportion to its weights
+                    rsel = self._select(e["redistribute_to"], b, call.k_len, layer)[:, None, None, :] & ~ksel
+                    removed = (w - scaled).sum(-1, keepdim=True)
+                    mass_r = (w * rsel).sum(-1, keepdim=True)
+                    gain = torch.where(mass_r > 0, removed / mass_r.clamp_min(1e-30), torch.zeros_like(mass_r))
+                    scaled = torch.where(rsel & rows & (mass_r > 0), w * (1 + gain), scaled)
+                    scaled = torch.where(rows & (mass_r > 0), scaled, w)  # nothing to receive the mass: keep row
+                w = scaled
             else:  # copy_head
                 src = w[:, int(e["source_head"])][:, None].expand_as(w)
                 w = torch.where(rows, src, w)

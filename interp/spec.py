@@ -31,7 +31,7 @@ DISTANCE_FNS = ("log1p", "linear", "constant")
 _SEL, _NUM, _BOOL, _INTS, _STR, _TENSOR = "selector", "number", "bool", "ints", "str", "tensor"
 OPS: dict[str, dict[str, tuple[str, bool]]] = {
     "attn.scale_weights": {"queries": (_SEL, False), "keys": (_SEL, True), "factor": (_NUM, True),
-                           "renormalize": (_BOOL, False)},
+                           "renormalize": (_BOOL, False), "redistribute_to": (_SEL, False)},
     "attn.add_logit_bias": {"queries": (_SEL, False), "keys": (_SEL, False), "bias": (_NUM, False),
                             "distance": ("distance", False), "tensor": (_TENSOR, False)},
     "attn.replace_pattern": {"queries": (_SEL, False), "mode": (("local_window", "copy_head"), True),
@@ -181,6 +181,8 @@ class Spec:
                 raise InterpError(f"spec.{path}.{k}: got {v!r}; expected {want}")
         if op in _ATTN_NO_HEADS and "heads" in e:
             raise InterpError(f"spec.{path}.heads: {op} acts on the residual stream, not on heads")
+        if op == "attn.scale_weights" and (e["factor"] < 0 or ("redistribute_to" in e and e["factor"] > 1)):
+            raise InterpError(f"spec.{path}.factor: got {e['factor']!r}; expected ≥ 0 (≤ 1 with redistribute_to)")
         if op == "attn.add_logit_bias" and sum(x in e for x in ("bias", "distance", "tensor")) != 1:
             raise InterpError(f"spec.{path}: attn.add_logit_bias needs exactly one of bias, distance, tensor")
         if op == "attn.replace_pattern":

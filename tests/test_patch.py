@@ -305,3 +305,21 @@ def test_fuzzed_specs_only_raise_validation_errors(llama, edits, top):
         return
     # accepted: it must have been a valid, applicable spec
     assert s.edits == edits
+
+
+def test_redistribute_matches_act_formula(llama):
+    """ACT: a'_K = β a_K, a'_j = a_j + (1−β)Σ_K a · a_j / Σ_{j∉K} a (METHODS §8), rows stay stochastic."""
+    x = ids_batch()
+    A = interp.capture(llama, x, sites="blocks.1.attn.pattern")["blocks.1.attn.pattern"]
+    s = spec(llama, {"op": "attn.scale_weights", "layers": [1], "heads": [0], "queries": "1:", "keys": [1, 2],
+                     "factor": 0.4, "redistribute_to": "all"})
+    with interp.patch(llama, s):
+        B = interp.capture(llama, x, sites="blocks.1.attn.pattern")["blocks.1.attn.pattern"]
+    a = A[0, 0, 3]
+    sk = a[[1, 2]].sum()
+    want = a * (1 + 0.6 * sk / (1 - sk))
+    want[[1, 2]] = 0.4 * a[[1, 2]]
+    want[4:] = 0
+    assert (B[0, 0, 3] - want).abs().max() <= 1e-6
+    assert (B.sum(-1) - 1).abs().max() <= 1e-5
+    assert torch.equal(B[0, 1:], A[0, 1:]) and torch.equal(B[0, 0, 0], A[0, 0, 0])

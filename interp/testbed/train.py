@@ -258,12 +258,26 @@ def compute_loss(model, batch, kind: str):
 PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 
 
-def vision_warmup(model, steps: int, batch_size: int, seed: int, lr: float, log=print):
-    """Train tower + projector to predict (colour, shape) pairs and count from the mean token."""
+def patch_labels(scene) -> torch.Tensor:
+    """long[64]: 0 for background patches, 1 + index of the (colour, shape) pair otherwise."""
+    lab = torch.zeros(N_PATCHES, dtype=torch.long)
+    for o in scene.objects:
+        lab[list(o.patches)] = 1 + PAIRS.index((o.colour, o.shape))
+    return lab
+
+
+def vision_warmup(model, steps: int, batch_size: int, seed: int, lr: float, patch_head: bool = True, log=print):
+    """Stage 1: train tower + projector alone (the LM is untouched).
+
+    Heads (thrown away afterwards): from the MEAN image token, the set of (colour, shape)
+    pairs (multi-label) and the object count; with ``patch_head`` also, from every image
+    token, the (colour, shape) pair of the object covering that patch (or background).
+    """
     d = model.config.text_config.hidden_size
     head = torch.nn.Linear(d, len(PAIRS) + len(COUNT_WORDS))
+    phead = torch.nn.Linear(d, len(PAIRS) + 1)
     params = (list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-              + list(head.parameters()))
+              + list(head.parameters()) + list(phead.parameters()))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     k = 0
     t0 = time.time()
@@ -280,6 +294,10 @@ def vision_warmup(model, steps: int, batch_size: int, seed: int, lr: float, log=
                 tgt[i, PAIRS.index((o.colour, o.shape))] = 1.0
         loss = F.binary_cross_entropy_with_logits(out[:, : len(PAIRS)], tgt) * len(PAIRS) / 4 + F.cross_entropy(
             out[:, len(PAIRS):], cnt)
+        if patch_head:
+            plab = torch.stack([patch_labels(s) for s in scenes])
+            pout = phead(feats)
+            loss = loss + F.cross_entropy(pout.reshape(-1, pout.shape[-1]), plab.reshape(-1))
         lr_t = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = lr_t
@@ -287,16 +305,20 @@ def vision_warmup(model, steps: int, batch_size: int, seed: int, lr: float, log=
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % 50 == 0 or step == steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             with torch.no_grad():
                 pair_acc = ((out[:, : len(PAIRS)] > 0).float() == tgt).all(1).float().mean().item()
                 cnt_acc = (out[:, len(PAIRS):].argmax(1) == cnt).float().mean().item()
-            log(f"[vision] step {step:4d} loss {loss.item():.4f} pairset_acc {pair_acc:.2f} count_acc {cnt_acc:.2f} "
-                f"({time.time() - t0:.0f}s)")
+                msg = ""
+                if patch_head:
+                    obj = plab > 0
+                    msg = f" patch_obj_acc {(pout.argmax(-1) == plab)[obj].float().mean().item():.2f}"
+            log(f"[vision] step {step:4d} loss {loss.item():.4f} pairset_acc {pair_acc:.2f} count_acc {cnt_acc:.2f}"
+                f"{msg} ({time.time() - t0:.0f}s)")
 
 
 # ---------------------------------------------------------------------- main loop
-def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_steps: int = 300,
+def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_steps: int = 600,
           batch_size: int = 32, single_batch_size: int = 96, single_frac: float = 0.0, lr: float = 3e-3,
           warmup: int = 100, eval_every: int = 500, eval_n: int = 200, test_n: int = 1000, threads: int = 2,
           log=print) -> dict:
@@ -371,8 +393,8 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
 
 
 DEFAULTS = {
-    "ar": dict(steps=3000, vision_steps=300, batch_size=32, single_frac=0.0),
-    "diffusion": dict(steps=4000, vision_steps=300, batch_size=32, single_frac=0.25),
+    "ar": dict(steps=3000, vision_steps=600, batch_size=32, single_frac=0.0),
+    "diffusion": dict(steps=4000, vision_steps=600, batch_size=32, single_frac=0.25),
 }
 
 

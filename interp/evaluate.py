@@ -1,0 +1,62 @@
+"""``interp.evaluate(model, spec, task)``: a task metric with and without a spec, per item and overall,
+with a paired bootstrap confidence interval on the difference."""
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from .finding import Finding
+from .patch import patch
+from .roles import Batch, Roles
+from .spec import Spec
+from .tasks import Task, bootstrap_ci, load_task, score_items
+
+
+def _logits_fn(model, batch_size: int = 16):
+    """Right-padded batches run with their roles known to the engine (so 'last', 'role:bos' resolve per item)."""
+    pad = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+
+    def fn(seqs: list[list[int]]) -> list[torch.Tensor]:
+        out: list = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            T = max(len(seqs[i]) for i in idx)
+            ids = torch.full((len(idx), T), pad, dtype=torch.long)
+            am = torch.zeros_like(ids)
+            for r, i in enumerate(idx):
+                ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+                am[r, :len(seqs[i])] = 1
+            batch = Batch(ids, am, [Roles({"bos": [0]}, length=len(seqs[i])) for i in idx], [[] for _ in idx])
+            with torch.no_grad(), model.engine.running(batch):
+                logits = model.hf(input_ids=ids, attention_mask=am).logits.float()
+            for r, i in enumerate(idx):
+                out[i] = logits[r, :len(seqs[i])]
+        return out
+    return fn
+
+
+def evaluate(model, spec: Spec | list[Spec], task: Task | str, *, limit: int | None = None, seed: int = 0) -> Finding:
+    """Score ``task`` without and with ``spec``; the Finding's table has one row per item."""
+    task = task if isinstance(task, Task) else load_task(task)
+    if limit:
+        task = Task(task.name, task.kind, task.items[:limit], task.path)
+    specs = spec if isinstance(spec, list) else [spec]
+    fn = _logits_fn(model)
+    base = score_items(task, model, fn)
+    with patch(model, *specs):
+        edited = score_items(task, model, fn)
+    diff = [e - b for b, e in zip(base, edited)]
+    mb, lb, hb = bootstrap_ci(base, seed=seed)
+    me, le, he = bootstrap_ci(edited, seed=seed)
+    md, ld, hd = bootstrap_ci(diff, seed=seed)
+    metric = "accuracy" if task.kind in ("next_token", "choice") else "nll"
+    table = pd.DataFrame({"item": range(len(base)), "without": base, "with": edited, "delta": diff})
+    metrics = {"task": task.name, "kind": task.kind, "metric": metric, "n": len(base),
+               "without": mb, "without_ci": [lb, hb], "with": me, "with_ci": [le, he],
+               "delta": md, "delta_ci": [ld, hd], "changed_items": int(sum(d != 0 for d in diff))}
+    if metric == "nll":
+        import math
+        metrics.update({"ppl_without": math.exp(mb), "ppl_with": math.exp(me)})
+    return Finding("interp.evaluate", table, {"task": task.name, "limit": limit, "specs": [s.provenance for s in specs]},
+                   model.identity(), task.name, metrics)

@@ -1,0 +1,315 @@
+"""Small evaluation task sets and model-agnostic scoring.
+
+A task is a JSONL file under ``interp/data/tasks/`` (one item per line, no header), each item carrying
+its ``kind``:
+
+* ``next_token`` -- ``{"prompt", "answer"}``: correct when the greedy next token after the prompt is the
+  first token of the answer (``match="all"``: every answer token is the greedy choice, teacher-forced).
+* ``choice`` -- ``{"prompt", "choices", "answer"}``: multiple choice by summed log-likelihood of each
+  choice's tokens after the prompt; ``answer`` is the index of the right choice.
+* ``perplexity`` -- ``{"text"}``: per-item mean token negative log-likelihood (nats).
+
+    import interp
+    from interp.tasks import load_task, score_items, bootstrap_ci
+    model = interp.load("smollm2")
+    scores = score_items(load_task("capitals"), model)
+    mean, lo, hi = bootstrap_ci(scores)
+
+Scoring only needs ``logits_fn(list of token-id lists) -> list of [T, V] logits tensors``, so any model
+(hooked, patched, ablated) can be scored; the default runs ``model.hf`` in right-padded batches.
+Run ``python -m interp.tasks [name ...]`` to print SmolLM2's score on each task.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import InterpError
+
+TASK_DIR = Path(__file__).parent / "data" / "tasks"
+
+#: required fields of an item, per kind, with the JSON type each must have
+KINDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "next_token": {"prompt": (str,), "answer": (str,)},
+    "choice": {"prompt": (str,), "choices": (list,), "answer": (int,)},
+    "perplexity": {"text": (str,)},
+}
+
+LogitsFn = Callable[[list[list[int]]], Sequence[torch.Tensor]]
+
+
+@dataclass
+class Task:
+    """A loaded task: its name, its kind and its items (plain dicts, as in the file)."""
+
+    name: str
+    kind: str
+    items: list[dict] = field(default_factory=list)
+    path: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, n: int) -> "Task":
+        """The first ``n`` items, as a task of the same name and kind."""
+        return Task(self.name, self.kind, self.items[:n], self.path)
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, kind={self.kind}, n={len(self.items)})"
+
+
+def list_tasks() -> list[str]:
+    """Names of the bundled tasks (the ``*.jsonl`` files under ``interp/data/tasks``)."""
+    return sorted(p.stem for p in TASK_DIR.glob("*.jsonl"))
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    s = str(name_or_path)
+    p = Path(s).expanduser()
+    looks_like_path = isinstance(name_or_path, Path) or s.endswith(".jsonl") or "/" in s or "\\" in s
+    if looks_like_path:
+        if p.is_file():
+            return p
+        if p.exists():
+            raise InterpError(f"task path {p} is not a file; pass a .jsonl file or a task name "
+                              f"({', '.join(list_tasks())})")
+        raise InterpError(f"task file not found: {p}. Pass an existing .jsonl file or a bundled task name "
+                          f"({', '.join(list_tasks())})")
+    bundled = TASK_DIR / f"{s}.jsonl"
+    if bundled.is_file():
+        return bundled
+    raise InterpError(f"unknown task {s!r}: bundled tasks are {', '.join(list_tasks()) or '(none)'} "
+                      f"(in {TASK_DIR}); or pass the path of a .jsonl file")
+
+
+def _check_item(item: Any, where: str) -> str:
+    if not isinstance(item, dict):
+        raise InterpError(f"{where}: an item must be a JSON object, got {type(item).__name__}")
+    kind = item.get("kind")
+    if kind is None:
+        raise InterpError(f"{where}: item is missing required field 'kind' (one of {', '.join(KINDS)})")
+    if kind not in KINDS:
+        raise InterpError(f"{where}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    for fname, types in KINDS[kind].items():
+        if fname not in item:
+            raise InterpError(f"{where}: {kind} item is missing required field {fname!r} "
+                              f"(a {kind} item needs {', '.join(KINDS[kind])})")
+        v = item[fname]
+        if not isinstance(v, types) or (types == (int,) and isinstance(v, bool)):
+            raise InterpError(f"{where}: field {fname!r} must be {types[0].__name__}, got {type(v).__name__}")
+    if kind == "choice":
+        ch = item["choices"]
+        if len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
+            raise InterpError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings")
+        if not 0 <= item["answer"] < len(ch):
+            raise InterpError(f"{where}: field 'answer' is {item['answer']}, not an index into the "
+                              f"{len(ch)} choices")
+    if kind == "next_token" and not item["answer"]:
+        raise InterpError(f"{where}: field 'answer' must be a non-empty string")
+    if kind == "perplexity" and not item["text"].strip():
+        raise InterpError(f"{where}: field 'text' must be a non-empty string")
+    return kind
+
+
+def load_task(name_or_path: str | Path) -> Task:
+    """Load a bundled task by name (``"capitals"``) or any JSONL task file by path; validates every item."""
+    if isinstance(name_or_path, Task):
+        return name_or_path
+    path = _resolve(name_or_path)
+    items, kinds = [], set()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path.name} line {lineno}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InterpError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); each line must be "
+                                  "one JSON object") from None
+            kinds.add(_check_item(item, where))
+            items.append(item)
+    if not items:
+        raise InterpError(f"task file {path} has no items")
+    if len(kinds) > 1:
+        raise InterpError(f"task file {path} mixes kinds {sorted(kinds)}; one task has one kind")
+    return Task(name=path.stem, kind=kinds.pop(), items=items, path=path)
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+def default_logits_fn(model, batch_size: int = 16) -> LogitsFn:
+    """Run ``model.hf`` on token-id lists in right-padded batches (sorted by length); [T, V] logits each."""
+    hf = model.hf
+    tok = getattr(model, "tokenizer", None)
+    pad = getattr(tok, "pad_token_id", None)
+    pad = 0 if pad is None else pad
+
+    def fn(seqs: list[list[int]]) -> list[torch.Tensor]:
+        device = next(hf.parameters()).device
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        with torch.no_grad():
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                T = max(len(seqs[i]) for i in idx)
+                ids = torch.full((len(idx), T), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), T), dtype=torch.long)
+                for r, i in enumerate(idx):
+                    ids[r, :len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+                    mask[r, :len(seqs[i])] = 1
+                logits = hf(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+                for r, i in enumerate(idx):
+                    out[i] = logits[r, :len(seqs[i])].clone()
+        return out  # type: ignore[return-value]
+    return fn
+
+
+def _tokenizer(model):
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise InterpError("scoring needs a tokenizer: pass an interp Model with .tokenizer "
+                          "(interp.load(..., tokenizer=...))")
+    return tok
+
+
+def _ids(tok, text: str) -> list[int]:
+    return list(tok(text, add_special_tokens=True)["input_ids"])
+
+
+def _split(tok, prompt: str, continuation: str) -> tuple[list[int], int]:
+    """Token ids of ``prompt + continuation`` and where the continuation's tokens start in them."""
+    full = _ids(tok, prompt + continuation)
+    p = _ids(tok, prompt)
+    start = 0
+    while start < min(len(full), len(p)) and full[start] == p[start]:
+        start += 1
+    if start >= len(full):
+        raise InterpError(f"continuation {continuation!r} adds no token after prompt {prompt[-40:]!r}")
+    if start == 0:  # nothing before the continuation to condition on
+        raise InterpError(f"prompt {prompt!r} shares no token with prompt+continuation; cannot score it")
+    return full, start
+
+
+def score_items(task: Task | str | Path, model, logits_fn: LogitsFn | None = None, *,
+                match: str = "first", batch_size: int = 16) -> list[float]:
+    """Per-item scores: 1/0 accuracy (``next_token``, ``choice``) or mean token NLL in nats (``perplexity``).
+
+    ``model`` supplies the tokenizer (and, without ``logits_fn``, the forward pass). ``logits_fn`` maps a
+    list of token-id lists to one ``[T, V]`` logits tensor each. For ``next_token``, ``match="first"``
+    compares the argmax after the prompt with the answer's first token; ``match="all"`` requires every
+    answer token to be the argmax (teacher-forced, i.e. greedy decoding would produce the whole answer).
+    """
+    task = load_task(task) if not isinstance(task, Task) else task
+    if match not in ("first", "all"):
+        raise InterpError(f"match must be 'first' or 'all', got {match!r}")
+    tok = _tokenizer(model)
+    fn = logits_fn or default_logits_fn(model, batch_size=batch_size)
+
+    if task.kind == "next_token":
+        seqs, starts = zip(*(_split(tok, it["prompt"], it["answer"]) for it in task.items))
+        logits = _call(fn, list(seqs))
+        scores = []
+        for full, st, lg in zip(seqs, starts, logits):
+            end = len(full) if match == "all" else st + 1
+            pred = lg[st - 1:end - 1].argmax(-1).tolist()
+            scores.append(float(pred == full[st:end]))
+        return scores
+
+    if task.kind == "choice":
+        seqs, starts, owner = [], [], []
+        for k, it in enumerate(task.items):
+            for c in it["choices"]:
+                full, st = _split(tok, it["prompt"], c)
+                seqs.append(full), starts.append(st), owner.append(k)
+        logits = _call(fn, seqs)
+        lls: list[list[float]] = [[] for _ in task.items]
+        for full, st, k, lg in zip(seqs, starts, owner, logits):
+            lp = torch.log_softmax(lg[st - 1:len(full) - 1].float(), -1)
+            tgt = torch.tensor(full[st:], dtype=torch.long)
+            lls[k].append(lp.gather(-1, tgt[:, None]).sum().item())
+        return [float(max(range(len(ll)), key=ll.__getitem__) == it["answer"]) for ll, it in zip(lls, task.items)]
+
+    if task.kind == "perplexity":
+        seqs = [_ids(tok, it["text"]) for it in task.items]
+        for i, s in enumerate(seqs):
+            if len(s) < 2:
+                raise InterpError(f"perplexity item {i} ({task.items[i]['text']!r}) has fewer than 2 tokens")
+        logits = _call(fn, seqs)
+        out = []
+        for s, lg in zip(seqs, logits):
+            lp = torch.log_softmax(lg[:len(s) - 1].float(), -1)
+            tgt = torch.tensor(s[1:], dtype=torch.long)
+            out.append(-lp.gather(-1, tgt[:, None]).mean().item())
+        return out
+
+    raise InterpError(f"task {task.name!r} has unknown kind {task.kind!r}")
+
+
+def _call(fn: LogitsFn, seqs: list[list[int]]) -> list[torch.Tensor]:
+    out = list(fn(seqs))
+    if len(out) != len(seqs):
+        raise InterpError(f"logits_fn returned {len(out)} logits tensors for {len(seqs)} sequences")
+    for s, lg in zip(seqs, out):
+        if lg.dim() != 2 or lg.shape[0] < len(s):
+            raise InterpError(f"logits_fn must return one [T, V] tensor per sequence (T >= its length "
+                              f"{len(s)}); got shape {tuple(lg.shape)}")
+    return out
+
+
+def bootstrap_ci(values: Sequence[float], n: int = 1000, seed: int = 0,
+                 alpha: float = 0.05) -> tuple[float, float, float]:
+    """Mean of ``values`` with a percentile bootstrap (1 - alpha) confidence interval: (mean, lo, hi)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise InterpError("bootstrap_ci needs at least one value")
+    if not 0 < alpha < 1:
+        raise InterpError(f"alpha must be in (0, 1), got {alpha}")
+    mean = sum(vals) / len(vals)
+    t = torch.tensor(vals, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(vals), (n, len(vals)), generator=g)
+    means = t[idx].mean(1).sort().values
+    lo = means[max(0, math.floor(alpha / 2 * n))].item()
+    hi = means[min(n - 1, math.ceil((1 - alpha / 2) * n) - 1)].item()
+    return mean, lo, hi
+
+
+def evaluate(task: Task | str | Path, model, logits_fn: LogitsFn | None = None, **kw) -> dict:
+    """Score a task and summarise it: name, kind, n, mean (accuracy or mean NLL), lo, hi (95% bootstrap)."""
+    task = load_task(task) if not isinstance(task, Task) else task
+    scores = score_items(task, model, logits_fn, **kw)
+    mean, lo, hi = bootstrap_ci(scores)
+    return {"task": task.name, "kind": task.kind, "n": len(scores), "mean": mean, "lo": lo, "hi": hi}
+
+
+def _main(argv: list[str] | None = None) -> None:
+    import argparse
+    import time
+    ap = argparse.ArgumentParser(prog="python -m interp.tasks", description="score SmolLM2 (or a model) on tasks")
+    ap.add_argument("tasks", nargs="*", help="task names or .jsonl paths (default: all bundled)")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    ap.add_argument("--match", default="first", choices=["first", "all"])
+    a = ap.parse_args(argv)
+    from .model import load
+    model = load(a.model)
+    print(f"{'task':<12} {'kind':<11} {'n':>4}  {'score':>7}  95% CI            secs")
+    for name in a.tasks or list_tasks():
+        task = load_task(name)
+        if a.limit:
+            task = task.subset(a.limit)
+        t0 = time.time()
+        r = evaluate(task, model, match=a.match)
+        metric = "mean NLL" if r["kind"] == "perplexity" else "acc"
+        print(f"{r['task']:<12} {r['kind']:<11} {r['n']:>4}  {r['mean']:7.3f}  [{r['lo']:.3f}, {r['hi']:.3f}]  "
+              f"{time.time() - t0:5.1f}  ({metric})", flush=True)
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,115 @@
+"""Linear probes (METHODS.md §10): recovery of a planted direction, chance on shuffled labels,
+control tasks, and a steering spec from a real SmolLM2 probe."""
+import numpy as np
+import pytest
+import torch
+
+import interp
+from probes.linear import linear_probe
+
+PLANTED = (1, 3)
+
+
+def _synthetic(n=600, d=64, L=4, strength=2.5, seed=0, planted=PLANTED):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(d, generator=g)
+    u /= u.norm()
+    y = torch.randint(0, 2, (n,), generator=g)
+    X = torch.randn(L, n, d, generator=g)
+    for l in planted:
+        X[l] += (2 * y[:, None] - 1) * strength * u
+    return X, y, u
+
+
+@pytest.fixture(scope="module")
+def planted():
+    X, y, u = _synthetic()
+    return linear_probe(X, y, progress=False), X, y, u
+
+
+def test_recovers_planted_direction(planted):
+    f, X, y, u = planted
+    t = f.table.set_index("layer")
+    print(t.round(3).to_string())
+    assert f.arrays["weights"].shape == (4, 64) and f.arrays["bias"].shape == (4,)
+    for l in PLANTED:
+        assert t.accuracy[l] >= 0.95
+        cos = float(f.arrays["weights"][l] @ u)
+        print(f"layer {l}: accuracy {t.accuracy[l]:.3f}, cos(w, u) = {cos:.3f}")
+        assert cos >= 0.9  # sign too: class 1 lies along +u
+        assert t.selectivity[l] > 0.3
+        # the stored direction and bias classify in the original feature space
+        pred = (X[l] @ f.arrays["weights"][l] + f.arrays["bias"][l] > 0).long()
+        assert (pred == y).float().mean() >= 0.95
+    for l in set(range(4)) - set(PLANTED):
+        assert abs(t.accuracy[l] - 0.5) <= 0.15
+    assert f.metrics["best_layer"] in PLANTED and f.metrics["best_accuracy"] >= 0.95
+    assert set(t.C.dropna()) <= {0.01, 0.1, 1.0, 10.0}
+
+
+def test_shuffled_labels_are_chance(planted):
+    _, X, y, _ = planted
+    ys = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
+    f = linear_probe({l: X[l] for l in PLANTED}, ys, progress=False)
+    print(f.table.round(3).to_string())
+    assert list(f.table.layer) == list(PLANTED)
+    assert (f.table.accuracy - 0.5).abs().max() <= 0.1
+
+
+def test_control_task_with_word_types():
+    # 20 word types, each type's examples share a type-specific vector: a probe can memorise types,
+    # so control accuracy is high and selectivity low, while the planted label is read off linearly
+    X, y, u = _synthetic(n=400, d=32, L=2, planted=(1,))
+    g = torch.Generator().manual_seed(3)
+    types = torch.randint(0, 20, (400,), generator=g)
+    X = X + 3 * torch.randn(20, 32, generator=g)[types]
+    f = linear_probe(X, y, word_types=types.tolist(), progress=False)
+    t = f.table.set_index("layer")
+    print(t.round(3).to_string())
+    assert t.control_accuracy[0] >= 0.8  # memorised types, no planted signal
+    assert t.accuracy[1] >= 0.9 and t.selectivity[1] > t.selectivity[0]
+    assert f.params["control"] == "word_types"
+
+
+COUNTRIES = ["France is a country in western Europe.", "Japan is an island nation in Asia.",
+             "Brazil is the largest country in South America.", "Canada has ten provinces.",
+             "Germany borders Poland and Austria.", "Kenya is a country in East Africa.",
+             "Italy has a long coastline.", "Peru is home to the Andes mountains.",
+             "Norway is known for its fjords.", "Egypt lies along the river Nile.",
+             "India is a large country in South Asia.", "Mexico shares a border with the United States.",
+             "Spain is on the Iberian peninsula.", "Chile is a long and narrow country.",
+             "Sweden is a Nordic country.", "Vietnam is in Southeast Asia.",
+             "Argentina is a country in South America.", "Greece has many islands.",
+             "Australia is a country and a continent.", "Turkey spans Europe and Asia."]
+FOODS = ["Bread is baked from flour and water.", "An apple is a crunchy fruit.",
+         "Cheese is made from milk.", "Soup is served hot in a bowl.", "Rice is boiled before eating.",
+         "Chocolate cake is a sweet dessert.", "Pasta is cooked in salted water.",
+         "A banana is a yellow fruit.", "Pizza has cheese and tomato sauce.", "Carrots are orange vegetables.",
+         "Butter is spread on toast.", "Honey is made by bees.", "Eggs can be fried or boiled.",
+         "A sandwich has two slices of bread.", "Yogurt is a dairy food.", "Potatoes can be mashed.",
+         "Salad is made of fresh leaves.", "Cookies are baked in the oven.", "Oranges are full of juice.",
+         "Pancakes are eaten for breakfast."]
+
+
+def test_smollm2_probe_and_steering_spec(smol):
+    texts = COUNTRIES + FOODS
+    labels = [1] * len(COUNTRIES) + [0] * len(FOODS)
+    f = linear_probe(smol, texts, labels, position="mean", progress=False)
+    L = smol.n_layers
+    print(f.table.round(3).to_string())
+    print(f.summary())
+    assert len(f.table) == L and f.arrays["weights"].shape == (L, smol.d_model)
+    assert f.metrics["best_accuracy"] >= 0.875  # 8 held-out sentences: at most one wrong
+    spec = f.to_spec(model=smol, scale=8.0, positions="all")
+    assert spec.edits[0]["layers"] == [f.metrics["best_layer"]]
+    assert torch.allclose(spec.tensors["probe_direction"].norm(), torch.tensor(1.0), atol=1e-5)
+    batch = smol.encode("I would like to eat")
+    before = smol.logits(batch)
+    with interp.patch(smol, spec):
+        steered = smol.logits(batch)
+    after = smol.logits(batch)
+    assert (steered - before).abs().max() > 1e-2
+    assert torch.equal(before, after)
+    # JSON round trip keeps the vector
+    again = interp.Spec.from_json(spec.to_json(), spec.tensors)
+    assert again.edits == spec.edits
