@@ -54,6 +54,9 @@ class Model:
         self.hf.set_attn_implementation(_engine.ATTN_NAME)
         self.engine = _engine.Engine(self.adapter.attn)
         self.fingerprint = config_fingerprint(self.hf.config)
+        ad = self.adapter
+        if ad.mask_token_id is None and not ad.causal:  # masked-diffusion LMs: the mask token
+            ad.mask_token_id = getattr(self.hf.config, "mask_token_id", None) or getattr(self.tokenizer, "mask_token_id", None)
 
     # geometry, from the adapter
     family = property(lambda self: self.adapter.family)

@@ -21,9 +21,20 @@ class Roles(dict):
         super().__init__(*args, **kw)
         self.length = length
 
-    def positions(self, selector: str | int | Sequence[int] | None) -> list[int]:
-        """Resolve a token selector: ``all``, ``last``, ``role:NAME``, ``NAME``, ``3``, ``2:5``, ``[1,4]``."""
+    def positions(self, selector: str | int | Sequence[int] | None, strict: bool = True) -> list[int]:
+        """Resolve a token selector: ``all``, ``last``, ``role:NAME``, ``NAME``, ``3``, ``2:5``, ``[1,4]``.
+
+        ``strict=False`` drops indices beyond this sequence (a spec replayed on a shorter prompt)."""
         n = self.length
+        if not strict:
+            try:
+                return self.positions(selector)
+            except InterpError as e:
+                if "out of range" not in str(e):
+                    raise
+                if isinstance(selector, (list, tuple)):
+                    return sorted({p for s in selector for p in self.positions(s, strict=False)})
+                return []
         if selector is None or selector == "all":
             return list(range(n))
         if isinstance(selector, int):
@@ -109,7 +120,10 @@ def encode(model, inputs: Any, *, chat: bool = False, system: str | None = None,
         tok = model.tokenizer
         toks = [[tok.convert_ids_to_tokens(int(t)) if tok else str(int(t)) for t in row] for row in ids]
         rl = [Roles({"bos": [0]}, length=int(am[i].sum())) for i in range(ids.shape[0])]
-        for r in rl:
+        image_id = model.adapter.image_token_id
+        for i, r in enumerate(rl):
+            if image_id is not None and (ids[i] == image_id).any():
+                r["image"] = torch.nonzero(ids[i] == image_id)[:, 0].tolist()
             _add_user_roles(r, roles, None, None)
         batch = Batch(ids, am, rl, toks, [], extra)
         _check_length(model, batch, max_length)

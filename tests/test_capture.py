@@ -211,3 +211,34 @@ def test_long_context_reducers_within_4gib():
     peak_gib = float(out.stdout.strip().splitlines()[-1])
     print(f"peak RSS {peak_gib:.2f} GiB")
     assert peak_gib < 4.0
+
+
+def tiny_llava(causal: bool = True):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    torch.manual_seed(0)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=16, patch_size=4, num_channels=3)
+    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=100, max_position_embeddings=128, is_causal=causal)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=99, vision_feature_layer=-1,
+                      vision_feature_select_strategy="full")
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["llava", "bidirectional-llava"])
+def test_tiny_llava_capture_matches_hf(causal):
+    hf = tiny_llava(causal)
+    m = interp.load(hf, name="tiny-llava")
+    ids = torch.cat([torch.tensor([[1]]), torch.full((1, 17), 99), torch.randint(2, 90, (1, 6))], 1)
+    inp = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 16, 16)}
+    with torch.no_grad():
+        ref = hf_eager(m)(**inp, output_attentions=True, output_hidden_states=True)
+    tr = interp.capture(m, inp, sites=["blocks.*.attn.pattern", "blocks.*.resid_post", "logits"])
+    assert tr.roles[0]["image"] == list(range(1, 18))
+    for l in range(3):
+        assert (tr[f"blocks.{l}.attn.pattern"] - ref.attentions[l]).abs().max() <= 1e-5
+    for l in range(2):
+        assert (tr[f"blocks.{l}.resid_post"] - ref.hidden_states[l + 1]).abs().max() <= 1e-5
+    assert (tr["logits"] - ref.logits).abs().max() <= 1e-5
+    A = tr["blocks.0.attn.pattern"][0, 0]
+    assert (A[2, 3:] == 0).all() if causal else (A[2, 3:] > 0).all()
