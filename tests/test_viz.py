@@ -73,7 +73,8 @@ def synthetic_findings() -> dict[str, Finding]:
     for p, targets in [(0, [" Paris", " Rome"]), (1, [" Berlin"])]:
         for l in range(L):
             for k, tgt in enumerate(targets):
-                rank = int(5000 * math.exp(-1.2 * l)) if k == 0 else 30 + 3 * l
+                rank = (int(5000 * math.exp(-1.2 * l)) if k == 0 and p == 0 else 30 + 3 * l if k == 1
+                        else int(800 * math.exp(-0.7 * l)))
                 rows.append({"prompt": p, "layer": l, "target": tgt, "target_id": 100 + k, "rank": rank,
                              "prob": 1 / (1 + rank), "logit": 10 - math.log1p(rank),
                              "top1": tops[l] if p == 0 else ["\n", "Ġthe", "Ġ$", "Berlin"][l % 4]})
