@@ -16,6 +16,11 @@ A = softmax(z), O = per-head output before the output projection, h = residual s
 * ``attn.head_scale``     O'^{h} = α O^{h} (P4).   ``attn.head_ablate``  O'^{h} = 0 or mean_t O^{h}_t.
 * ``resid.add``           h'_t = h_t + s·v (P5).   ``resid.suppress_dims`` h'_{t,c} = 0 | mean_c | clamp.
 * ``patch``               x'_t = x^{src}_t at a site, from a saved Trace (activation patching).
+* ``attn.oeb``            Step-Saliency OEB (METHODS §4b): at a query row with p = softmax(z), segment S, bridge B,
+  O the rest, τ_B = min(√(|B|/(|B|+|S|)), τ_max), τ_S = 1 − p(O) − τ_B; if p(B) < τ_B (and τ_S > 0):
+  z'_k = z_k + log(τ_B/p(B)) on B, z_k + log(τ_S/p(S)) on S, O unchanged, so p'(B) = τ_B and p'(O) = p(O)
+  (P1 on the logits, eager). Counts and masses use visible keys only; generated tokens belong to S.
+* ``attn.smi``            Step-Saliency SMI: O'^{h}[t] = O^{h}[t] + s · mean_{j∈source} V^{h}[j] (P5 on z).
 
 A row whose every visible key would be blocked keeps its original distribution (blocking is a
 finite −1e9 bias, so such a row cannot become NaN).
@@ -44,7 +49,9 @@ def _kind(e: dict) -> str:
         return "bias"
     if op == "attn.replace_pattern":
         return "bias" if e["mode"] == "local_window" else "weights"
-    if op in ("attn.head_scale", "attn.head_ablate") or (op == "patch" and e["site"] == "attn.z"):
+    if op == "attn.oeb":
+        return "logits"
+    if op in ("attn.head_scale", "attn.head_ablate", "attn.smi") or (op == "patch" and e["site"] == "attn.z"):
         return "z"
     return "resid"
 
@@ -94,7 +101,7 @@ class _SpecHook:
             sel = [s for s in sel if s != "sink"]
         for i, r in enumerate(self._roles(b, length)):
             try:
-                out[i, r.positions(sel)] = True
+                out[i, r.positions(sel, strict=False)] = True
             except InterpError as err:
                 if self.engine.roles is None and "role" in str(err):
                     raise InterpError(f"{err}. Roles come from the inputs: run through interp.capture, "
@@ -151,8 +158,34 @@ class _SpecHook:
             total = bias if total is None else total + bias
         return None if total is None else total.to(q.dtype)
 
-    def on_logits(self, layer, logits, call):
-        return None
+    def on_logits(self, layer, logits, call: AttnCall):
+        for e, kind, _ in self.by_layer.get(layer, ()):
+            if kind == "logits" and self._active(e):
+                logits = self._oeb(e, logits, call, layer)
+        return logits
+
+    def _oeb(self, e, z, call: AttnCall, layer):
+        """attn.oeb: the KL projection of each selected row onto p(B) = τ_B with p(O) fixed (METHODS §4b)."""
+        b, n = z.shape[0], self.engine.batch_len
+        qsel = self._select(e.get("queries", "last"), b, call.k_len, layer)[:, call.q_start:call.q_start + call.q_len]
+        bsel = self._select(e["bridge"], b, call.k_len, layer)
+        ssel = self._select(e["segment"], b, call.k_len, layer)
+        if 0 < n < call.k_len:  # tokens generated after the prompt belong to the current segment
+            ssel[:, n:] = True
+        vis = z > BLOCK / 2  # masked or knocked-out keys are not counted
+        B = bsel[:, None, None, :] & vis
+        S = ssel[:, None, None, :] & ~bsel[:, None, None, :] & vis
+        p = torch.softmax(z.float(), -1)
+        pB, pS = (p * B).sum(-1, keepdim=True), (p * S).sum(-1, keepdim=True)
+        nB, nS = B.sum(-1, keepdim=True).float(), S.sum(-1, keepdim=True).float()
+        tau_b = torch.sqrt(nB / (nB + nS).clamp_min(1)).clamp(max=float(e.get("tau_max", 0.15)))
+        tau_s = pB + pS - tau_b  # = 1 − p(O) − τ_B
+        rows = qsel[:, None, :, None] & self.head_masks[id(e)][None, :, None, None]
+        active = rows & (pB < tau_b) & (pB > 0) & (pS > 0) & (tau_s > 0)
+        lam_b = torch.log(tau_b / pB.clamp_min(1e-38))
+        lam_s = torch.log(tau_s.clamp_min(1e-38) / pS.clamp_min(1e-38))
+        shift = torch.where(B, lam_b, 0.0) + torch.where(S, lam_s, 0.0)
+        return torch.where(active, z + shift.to(z.dtype), z)
 
     def on_weights(self, layer, w, call: AttnCall):
         b = w.shape[0]
@@ -184,7 +217,8 @@ class _SpecHook:
             if kind != "z" or not self._active(e):
                 continue
             key = "positions" if e["op"] == "patch" else "queries"
-            qsel = self._select(e.get(key, "all"), b, call.k_len, layer)[:, call.q_start:call.q_start + call.q_len]
+            default = "last" if e["op"] == "attn.smi" else "all"
+            qsel = self._select(e.get(key, default), b, call.k_len, layer)[:, call.q_start:call.q_start + call.q_len]
             where = qsel[:, :, None, None] & self.head_masks[id(e)][None, None, :, None]
             if e["op"] == "attn.head_scale":
                 z = torch.where(where, z * float(e["factor"]), z)
@@ -200,6 +234,10 @@ class _SpecHook:
                     repl = ((z * wts[..., None, None]).sum(1, keepdim=True) / wts.sum(1).clamp_min(1)[:, None, None, None])
                     repl = repl.expand_as(z)
                 z = torch.where(where, repl, z)
+            elif e["op"] == "attn.smi":  # z'[t] = z[t] + s · mean_{j∈source} V[j], v [b, h, k, d]
+                src = self._select(e["source"], b, call.k_len, layer).to(v.dtype)
+                mean_v = torch.einsum("bk,bhkd->bhd", src, v) / src.sum(1).clamp_min(1)[:, None, None]
+                z = torch.where(where, z + float(e.get("scale", 0.06)) * mean_v[:, None].to(z.dtype), z)
             else:  # patch attn.z from a source run [b|1, T, h, d]
                 src = self.spec.tensors[e["tensor"]].to(z.dtype)
                 src = (src[j] if src.dim() == 5 else src)[:, call.q_start:call.q_start + call.q_len]

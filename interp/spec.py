@@ -46,6 +46,8 @@ OPS: dict[str, dict[str, tuple[str, bool]]] = {
                             "value": (_NUM, False), "tensor": (_TENSOR, False)},
     "patch": {"site": (("resid_pre", "resid_post", "attn.out", "mlp.out", "attn.z"), True),
               "positions": (_SEL, False), "tensor": (_TENSOR, True)},
+    "attn.oeb": {"queries": (_SEL, False), "segment": (_SEL, True), "bridge": (_SEL, True), "tau_max": (_NUM, False)},
+    "attn.smi": {"queries": (_SEL, False), "source": (_SEL, True), "scale": (_NUM, False)},
 }
 _COMMON = {"op": (_STR, True), "layers": ("layers", True), "heads": ("heads", False), "steps": (_INTS, False),
            "note": (_STR, False)}
@@ -185,6 +187,8 @@ class Spec:
             raise InterpError(f"spec.{path}.factor: got {e['factor']!r}; expected ≥ 0 (≤ 1 with redistribute_to)")
         if op == "attn.add_logit_bias" and sum(x in e for x in ("bias", "distance", "tensor")) != 1:
             raise InterpError(f"spec.{path}: attn.add_logit_bias needs exactly one of bias, distance, tensor")
+        if op == "attn.oeb" and not 0 <= e.get("tau_max", 0.15) <= 1:
+            raise InterpError(f"spec.{path}.tau_max: got {e['tau_max']!r}; expected a number in [0, 1]")
         if op == "attn.replace_pattern":
             need = "window" if e["mode"] == "local_window" else "source_head"
             if need not in e:
