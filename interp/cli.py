@@ -33,7 +33,7 @@ def _run_probe(name: str, model, prompts):
         from probes.logit_lens import logit_lens
         from .prompts import facts
         fs = facts()
-        return logit_lens(model, [x["prompt"] for x in fs], targets=[x["answer"] for x in fs]), None
+        return logit_lens(model, [x["prompt"] for x in fs], targets=[[x["answer"]] for x in fs], progress=False), None
     if name == "knockout":
         from probes.knockout import knockout
         f = knockout(model, progress=False)
@@ -69,7 +69,7 @@ def scan(model_src: str = "smollm2", prompts_file: str | None = None, probes: st
     model = load(model_src)
     prompts = load_prompts(prompts_file) if prompts_file else None
     print(f"{model}  (loaded in {time.time() - t0:.1f}s)")
-    findings, timings = [], {}
+    findings, timings = {}, {}
     bar = tqdm(names, desc="scan", unit="probe")
     for name in bar:
         bar.set_postfix_str(name)
@@ -83,7 +83,7 @@ def scan(model_src: str = "smollm2", prompts_file: str | None = None, probes: st
         finding.save(out_dir / "findings" / name)
         if spec is not None:
             spec.save(out_dir / "specs" / name)
-        findings.append(finding)
+        findings[name] = finding
         tqdm.write(finding.summary())
     report = viz.report(findings, out_dir, title=f"interp scan — {model.name}")
     (out_dir / "timings.json").write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1))
