@@ -16,6 +16,7 @@ A = softmax(z), O = per-head output before the output projection, h = residual s
 * ``attn.head_scale``     O'^{h} = α O^{h} (P4).   ``attn.head_ablate``  O'^{h} = 0 or mean_t O^{h}_t.
 * ``resid.add``           h'_t = h_t + s·v (P5).   ``resid.suppress_dims`` h'_{t,c} = 0 | mean_c | clamp.
 * ``patch``               x'_t = x^{src}_t at a site, from a saved Trace (activation patching).
+* ``attn.amplify``        PAI: z'_{qk} = z_{qk} + α|z_{qk}| for image keys k, before the softmax (P1 on logits).
 * ``attn.oeb``            Step-Saliency OEB (METHODS §4b): at a query row with p = softmax(z), segment S, bridge B,
   O the rest, τ_B = min(√(|B|/(|B|+|S|)), τ_max), τ_S = 1 − p(O) − τ_B; if p(B) < τ_B (and τ_S > 0):
   z'_k = z_k + log(τ_B/p(B)) on B, z_k + log(τ_S/p(S)) on S, O unchanged, so p'(B) = τ_B and p'(O) = p(O)
@@ -49,7 +50,7 @@ def _kind(e: dict) -> str:
         return "bias"
     if op == "attn.replace_pattern":
         return "bias" if e["mode"] == "local_window" else "weights"
-    if op == "attn.oeb":
+    if op in ("attn.oeb", "attn.amplify"):
         return "logits"
     if op in ("attn.head_scale", "attn.head_ablate", "attn.smi") or (op == "patch" and e["site"] == "attn.z"):
         return "z"
@@ -161,8 +162,16 @@ class _SpecHook:
     def on_logits(self, layer, logits, call: AttnCall):
         for e, kind, _ in self.by_layer.get(layer, ()):
             if kind == "logits" and self._active(e):
-                logits = self._oeb(e, logits, call, layer)
+                logits = self._oeb(e, logits, call, layer) if e["op"] == "attn.oeb" else self._amplify(e, logits, call, layer)
         return logits
+
+    def _amplify(self, e, z, call: AttnCall, layer):
+        """PAI (Liu et al., ECCV'24): z'_{qk} = z_{qk} + α·|z_{qk}| for k ∈ keys, on the selected query rows."""
+        b = z.shape[0]
+        qsel = self._select(e.get("queries", "last"), b, call.k_len, layer)[:, call.q_start:call.q_start + call.q_len]
+        ksel = self._select(e["keys"], b, call.k_len, layer)
+        where = qsel[:, None, :, None] & ksel[:, None, None, :] & self.head_masks[id(e)][None, :, None, None]
+        return torch.where(where, z + float(e["alpha"]) * z.abs(), z)
 
     def _oeb(self, e, z, call: AttnCall, layer):
         """attn.oeb: the KL projection of each selected row onto p(B) = τ_B with p(O) fixed (METHODS §4b)."""

@@ -48,6 +48,7 @@ OPS: dict[str, dict[str, tuple[str, bool]]] = {
               "positions": (_SEL, False), "tensor": (_TENSOR, True)},
     "attn.oeb": {"queries": (_SEL, False), "segment": (_SEL, True), "bridge": (_SEL, True), "tau_max": (_NUM, False)},
     "attn.smi": {"queries": (_SEL, False), "source": (_SEL, True), "scale": (_NUM, False)},
+    "attn.amplify": {"queries": (_SEL, False), "keys": (_SEL, True), "alpha": (_NUM, True)},
 }
 _COMMON = {"op": (_STR, True), "layers": ("layers", True), "heads": ("heads", False), "steps": (_INTS, False),
            "note": (_STR, False)}

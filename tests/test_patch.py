@@ -323,3 +323,18 @@ def test_redistribute_matches_act_formula(llama):
     assert (B[0, 0, 3] - want).abs().max() <= 1e-6
     assert (B.sum(-1) - 1).abs().max() <= 1e-5
     assert torch.equal(B[0, 1:], A[0, 1:]) and torch.equal(B[0, 0, 0], A[0, 0, 0])
+
+
+def test_amplify_pai_formula_and_neutral(llama):
+    x = ids_batch()
+    Z = interp.capture(llama, x, sites="blocks.2.attn.logits")["blocks.2.attn.logits"]
+    s = spec(llama, {"op": "attn.amplify", "layers": [2], "queries": "last", "keys": "3:7", "alpha": 0.5})
+    with interp.patch(llama, s):
+        A = interp.capture(llama, x, sites="blocks.2.attn.pattern")["blocks.2.attn.pattern"]
+    z = Z[0, :, -1].clone()
+    z[:, 3:7] += 0.5 * z[:, 3:7].abs()
+    assert (A[0, :, -1] - torch.softmax(z, -1)).abs().max() <= 1e-6
+    assert A[0, :, -1, 3:7].sum() > torch.softmax(Z[0, :, -1], -1)[:, 3:7].sum()  # α > 0 raises the mass on keys
+    with interp.patch(llama, spec(llama, {"op": "attn.amplify", "layers": "all", "keys": "all", "alpha": 0.0})):
+        tr = interp.capture(llama, x, sites="logits")
+    assert (tr["logits"] - interp.capture(llama, x, sites=["logits", "blocks.*.attn.logits"])["logits"]).abs().max() <= 1e-6
