@@ -18,6 +18,14 @@ def test_scan_writes_report_that_renders(tmp_path):
         assert (out / "findings" / f"{name}.json").exists()
         assert (out / "figures" / f"{name}.png").exists()
     assert (out / "specs" / "sinks.json").exists() and (out / "specs" / "massive.json").exists()
+    # every exported spec replays and `interp evaluate` reports its effect on a shipped task
+    import interp
+    m = interp.load("smollm2")
+    for path in sorted((out / "specs").glob("*.json")):
+        res = interp.evaluate(m, interp.Spec.load(path), "capitals", limit=24)
+        lo, hi = res.metrics["delta_ci"]
+        assert res.metrics["n"] == 24 and lo <= res.metrics["delta"] <= hi
+        assert main(["evaluate", str(path), "capitals", "--limit", "8"]) == 0
     html = (out / "report.html").read_text()
     assert "<script src=" not in html
     if not viz.chromium_available():

@@ -154,9 +154,12 @@ def test_smollm2_few_shot_expressions(smol):
 def test_prompt_game_batching_and_values(smol):
     g = PromptGame(smol, FEW_SHOT, "expressions", "7", question="5+2=", batch_size=8)
     assert g.prompt({0, 5}) == "2+3=5\n...\n...\n...\n...\n7-1=6\n"
-    batched = g.values([0, 63, 5, 17, 42])
+    batched = g.values([0, 63, 5, 17, 42])  # no common prefix: one plain padded batch
     single = PromptGame(smol, FEW_SHOT, "expressions", "7", question="5+2=", batch_size=1)
-    np.testing.assert_allclose(single.values([0, 63, 5, 17, 42]), batched, atol=1e-4)
+    # one row per batch: its prompt runs as a cached prefix, then the last token and the answer
+    np.testing.assert_allclose(single.values([63, 42]), batched[[1, 4]], atol=1e-4)
     assert g.n_rows == 5 and g.n_evals == 5
+    g.values([63, 5])  # cached: no new rows
+    assert g.n_rows == 5
     acc = PromptGame(smol, FEW_SHOT, "expressions", "7", question="5+2=", value="accuracy")
-    assert set(acc.values([0, 63]).tolist()) <= {0.0, 1.0}
+    assert acc.values([63])[0] in (0.0, 1.0)

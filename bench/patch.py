@@ -1,0 +1,90 @@
+"""Cost of the patching layer on SmolLM2 (one table, one run, ratios to a plain forward).
+
+    .venv/bin/python bench/patch.py [--tokens 512] [--repeats 7] [--threads 2]
+
+Rows: plain HF SDPA forward (1.00x); interp idle (no spec); an idle patch layer (a spec with no
+edits, entered as a context); a head-scale spec (z edit, runs under SDPA); a
+logit-bias spec (renormalised first-token scaling, SDPA with a bias); a weight-edit spec (ACT-style
+redistribution, needs the weights); HF eager forward. Targets: idle patch ≤ 1.02x plain; head-scale
+and logit-bias ≤ 1.1x; weight edit ≤ 1.1x HF eager.
+"""
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import interp  # noqa: E402
+
+
+def timeit(fn, repeats):
+    fn()
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    m = interp.load("smollm2")
+    ids = torch.randint(100, 40000, (1, a.tokens), generator=torch.Generator().manual_seed(0))
+    batch = m.encode({"input_ids": ids})
+    sdpa = copy.deepcopy(m.hf).eval()
+    sdpa.set_attn_implementation("sdpa")
+    eager = copy.deepcopy(m.hf).eval()
+    eager.set_attn_implementation("eager")
+    L, H = m.n_layers, m.n_heads
+    specs = {
+        "idle patch (a spec with no edits)": [],
+        "head scale (9 heads x 30 layers)": [{"op": "attn.head_scale", "layers": "all", "factor": 0.5}],
+        "logit bias (token-0 scale, renormalised)": [{"op": "attn.scale_weights", "layers": "all", "keys": "role:bos",
+                                                       "factor": 0.6}],
+        "weight edit (ACT redistribution)": [{"op": "attn.scale_weights", "layers": "all", "keys": [0],
+                                              "factor": 0.4, "redistribute_to": "all"}],
+    }
+
+    def run(model):
+        with torch.no_grad():
+            model(input_ids=ids)
+
+    def patched(spec):
+        def f():
+            with interp.patch(m, spec), m.engine.running(batch), torch.no_grad():
+                m.hf(input_ids=ids)
+        return f
+
+    rows = [("HF SDPA forward (baseline)", timeit(lambda: run(sdpa), a.repeats)),
+            ("interp idle (no spec)", timeit(lambda: run(m.hf), a.repeats))]
+    for name, edits in specs.items():
+        rows.append((name, timeit(patched(interp.Spec.for_model(m, edits)), a.repeats)))
+    rows.append(("HF eager forward", timeit(lambda: run(eager), a.repeats)))
+    base, eag = rows[0][1], rows[-1][1]
+    print(f"\nSmolLM2-135M, {a.tokens} tokens, batch 1, {a.threads} threads, median of {a.repeats}")
+    print(f"{'row':44s} {'ms':>8s} {'x plain':>8s} {'x eager':>8s}")
+    for name, t in rows:
+        print(f"{name:44s} {t * 1000:8.1f} {t / base:8.2f} {t / eag:8.2f}")
+    r = dict(rows)
+    checks = [("idle patch <= 1.02x plain", r["idle patch (a spec with no edits)"] / base <= 1.02),
+              ("head scale <= 1.1x plain", r["head scale (9 heads x 30 layers)"] / base <= 1.1),
+              ("logit bias <= 1.1x plain", r["logit bias (token-0 scale, renormalised)"] / base <= 1.1),
+              ("weight edit <= 1.1x HF eager", r["weight edit (ACT redistribution)"] / eag <= 1.1)]
+    for c, ok in checks:
+        print(f"  {'PASS' if ok else 'MISS'}  {c}")
+    print(f"\nreproduce: .venv/bin/python bench/patch.py --tokens {a.tokens} --repeats {a.repeats} --threads {a.threads}")
+
+
+if __name__ == "__main__":
+    main()
