@@ -44,5 +44,25 @@ write("01_sinks_and_massive_activations.ipynb", [
     ("code", "result = interp.evaluate(model, spec, 'capitals', limit=60)\nprint(result.summary())"),
 ])
 
+write("03_attribution.ipynb", [
+    ("md", "# Attribution on SmolLM2: saliency flow, Step-Saliency, Shapley values of prompt spans\n"
+           "Gradients come from one capture with `grad=True`; no analysis hooks the model itself."),
+    ("code", "import torch, interp\nfrom attribution.saliency import saliency\n"
+             "from attribution.step_saliency import EXAMPLES, step_saliency\nfrom attribution.shapley import shapley\n"
+             "torch.set_num_threads(2)\nmodel = interp.load('smollm2')"),
+    ("md", "## 1. Attention × gradient\nI^l = (1/H) Σ_h |A ⊙ ∂L/∂A| (Step-Saliency) or |Σ_h A ⊙ ∂L/∂A| (Label Words)."),
+    ("code", "sal = saliency(model, 'The capital of France is Paris. The capital of Italy is Rome.', head_reduce='mean_abs')\n"
+             "print(sal.summary())\nsal.plot()"),
+    ("md", "## 2. Step-Saliency on a short chain of thought\nSteps: the question, thinking sentences, summary "
+           "paragraphs; M^l[a, b] = mean saliency from step a to step b. Causal attention makes M lower-triangular."),
+    ("code", "ex = EXAMPLES[0]\nstep = step_saliency(model, ex['question'], ex['thinking'], ex['summary'])\n"
+             "print(step.summary())\nstep.plot()"),
+    ("code", "oeb = step.to_spec(model=model, method='oeb')\nprint(len(oeb.edits), 'OEB edits in layers', oeb.edits[0]['layers'])"),
+    ("md", "## 3. Shapley values of the expressions in a few-shot prompt\nv(S) = log p(answer | prompt with only the "
+           "expressions in S kept); exact enumeration for a handful of players, efficiency checked."),
+    ("code", "text = 'Q: 2 + 3 = 5. Q: 4 + 4 = 8. Q: 6 + 1 = 7. Q: 3 + 5 ='\n"
+             "sh = shapley(model, text, ' 8', players='expressions')\nprint(sh.summary())\nsh.plot()"),
+])
+
 if __name__ == "__main__":
     print("written")
