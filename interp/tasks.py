@@ -17,7 +17,8 @@ its ``kind``:
 
 Scoring only needs ``logits_fn(list of token-id lists) -> list of [T, V] logits tensors``, so any model
 (hooked, patched, ablated) can be scored; the default runs ``model.hf`` in right-padded batches.
-Run ``python -m interp.tasks [name ...]`` to print SmolLM2's score on each task.
+Run ``python scripts/make_tasks.py --score`` (or ``python -m interp.tasks [name ...]``) to print SmolLM2's
+score on each task; ``interp.evaluate`` builds on this module to compare a model with and without a spec.
 """
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def load_task(name_or_path: str | Path) -> Task:
 
 # --------------------------------------------------------------------------------------------- scoring
 
-def default_logits_fn(model, batch_size: int = 16) -> LogitsFn:
+def default_logits_fn(model, batch_size: int = 32) -> LogitsFn:
     """Run ``model.hf`` on token-id lists in right-padded batches (sorted by length); [T, V] logits each."""
     hf = model.hf
     tok = getattr(model, "tokenizer", None)
@@ -165,7 +166,7 @@ def default_logits_fn(model, batch_size: int = 16) -> LogitsFn:
                     mask[r, :len(seqs[i])] = 1
                 logits = hf(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
                 for r, i in enumerate(idx):
-                    out[i] = logits[r, :len(seqs[i])].clone()
+                    out[i] = logits[r, :len(seqs[i])]
         return out  # type: ignore[return-value]
     return fn
 
@@ -197,7 +198,7 @@ def _split(tok, prompt: str, continuation: str) -> tuple[list[int], int]:
 
 
 def score_items(task: Task | str | Path, model, logits_fn: LogitsFn | None = None, *,
-                match: str = "first", batch_size: int = 16) -> list[float]:
+                match: str = "first", batch_size: int = 32) -> list[float]:
     """Per-item scores: 1/0 accuracy (``next_token``, ``choice``) or mean token NLL in nats (``perplexity``).
 
     ``model`` supplies the tokenizer (and, without ``logits_fn``, the forward pass). ``logits_fn`` maps a
@@ -212,14 +213,15 @@ def score_items(task: Task | str | Path, model, logits_fn: LogitsFn | None = Non
     fn = logits_fn or default_logits_fn(model, batch_size=batch_size)
 
     if task.kind == "next_token":
-        seqs, starts = zip(*(_split(tok, it["prompt"], it["answer"]) for it in task.items))
-        logits = _call(fn, list(seqs))
-        scores = []
-        for full, st, lg in zip(seqs, starts, logits):
-            end = len(full) if match == "all" else st + 1
-            pred = lg[st - 1:end - 1].argmax(-1).tolist()
-            scores.append(float(pred == full[st:end]))
-        return scores
+        split = [_split(tok, it["prompt"], it["answer"]) for it in task.items]
+        # only the positions that predict the scored answer tokens are run: the prompt (plus the answer
+        # tokens but the last, for match="all")
+        ends = [st + 1 if match == "first" else len(full) for full, st in split]
+
+        def correct(i: int, lg: torch.Tensor) -> float:
+            (full, st), end = split[i], ends[i]
+            return float(lg[st - 1:end - 1].argmax(-1).tolist() == full[st:end])
+        return _map_logits(fn, [full[:end - 1] for (full, _), end in zip(split, ends)], correct)
 
     if task.kind == "choice":
         seqs, starts, owner = [], [], []
@@ -227,12 +229,15 @@ def score_items(task: Task | str | Path, model, logits_fn: LogitsFn | None = Non
             for c in it["choices"]:
                 full, st = _split(tok, it["prompt"], c)
                 seqs.append(full), starts.append(st), owner.append(k)
-        logits = _call(fn, seqs)
-        lls: list[list[float]] = [[] for _ in task.items]
-        for full, st, k, lg in zip(seqs, starts, owner, logits):
+
+        def loglik(i: int, lg: torch.Tensor) -> float:
+            full, st = seqs[i], starts[i]
             lp = torch.log_softmax(lg[st - 1:len(full) - 1].float(), -1)
-            tgt = torch.tensor(full[st:], dtype=torch.long)
-            lls[k].append(lp.gather(-1, tgt[:, None]).sum().item())
+            return lp.gather(-1, torch.tensor(full[st:], dtype=torch.long)[:, None]).sum().item()
+        # the last token is never an input, so single-token choices of one prompt share one forward pass
+        lls: list[list[float]] = [[] for _ in task.items]
+        for k, ll in zip(owner, _map_logits(fn, [full[:-1] for full in seqs], loglik)):
+            lls[k].append(ll)
         return [float(max(range(len(ll)), key=ll.__getitem__) == it["answer"]) for ll, it in zip(lls, task.items)]
 
     if task.kind == "perplexity":
@@ -240,25 +245,40 @@ def score_items(task: Task | str | Path, model, logits_fn: LogitsFn | None = Non
         for i, s in enumerate(seqs):
             if len(s) < 2:
                 raise InterpError(f"perplexity item {i} ({task.items[i]['text']!r}) has fewer than 2 tokens")
-        logits = _call(fn, seqs)
-        out = []
-        for s, lg in zip(seqs, logits):
+
+        def nll(i: int, lg: torch.Tensor) -> float:
+            s = seqs[i]
             lp = torch.log_softmax(lg[:len(s) - 1].float(), -1)
-            tgt = torch.tensor(s[1:], dtype=torch.long)
-            out.append(-lp.gather(-1, tgt[:, None]).mean().item())
-        return out
+            return -lp.gather(-1, torch.tensor(s[1:], dtype=torch.long)[:, None]).mean().item()
+        return _map_logits(fn, [s[:-1] for s in seqs], nll)
 
     raise InterpError(f"task {task.name!r} has unknown kind {task.kind!r}")
 
 
-def _call(fn: LogitsFn, seqs: list[list[int]]) -> list[torch.Tensor]:
-    out = list(fn(seqs))
-    if len(out) != len(seqs):
-        raise InterpError(f"logits_fn returned {len(out)} logits tensors for {len(seqs)} sequences")
-    for s, lg in zip(seqs, out):
-        if lg.dim() != 2 or lg.shape[0] < len(s):
-            raise InterpError(f"logits_fn must return one [T, V] tensor per sequence (T >= its length "
-                              f"{len(s)}); got shape {tuple(lg.shape)}")
+def _map_logits(fn: LogitsFn, seqs: list[list[int]], reduce: Callable[[int, torch.Tensor], float],
+                chunk: int = 64) -> list[float]:
+    """``reduce(i, logits of seqs[i])`` for every i, calling ``fn`` once per distinct sequence.
+
+    Distinct sequences go to ``fn`` in length order, ``chunk`` at a time, so only one chunk's logits are
+    held in memory at once.
+    """
+    uniq: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(seqs):
+        uniq.setdefault(tuple(s), []).append(i)
+    keys = sorted(uniq, key=len)
+    out: list[float] = [0.0] * len(seqs)
+    for c in range(0, len(keys), chunk):
+        part = keys[c:c + chunk]
+        logits = list(fn([list(k) for k in part]))
+        if len(logits) != len(part):
+            raise InterpError(f"logits_fn returned {len(logits)} logits tensors for {len(part)} sequences")
+        for k, lg in zip(part, logits):
+            if not isinstance(lg, torch.Tensor) or lg.dim() != 2 or lg.shape[0] < len(k):
+                got = tuple(lg.shape) if isinstance(lg, torch.Tensor) else type(lg).__name__
+                raise InterpError(f"logits_fn must return one [T, V] tensor per sequence (T >= its length "
+                                  f"{len(k)}); got {got}")
+            for i in uniq[k]:
+                out[i] = reduce(i, lg)
     return out
 
 
@@ -280,7 +300,7 @@ def bootstrap_ci(values: Sequence[float], n: int = 1000, seed: int = 0,
     return mean, lo, hi
 
 
-def evaluate(task: Task | str | Path, model, logits_fn: LogitsFn | None = None, **kw) -> dict:
+def summarize(task: Task | str | Path, model, logits_fn: LogitsFn | None = None, **kw) -> dict:
     """Score a task and summarise it: name, kind, n, mean (accuracy or mean NLL), lo, hi (95% bootstrap)."""
     task = load_task(task) if not isinstance(task, Task) else task
     scores = score_items(task, model, logits_fn, **kw)
@@ -288,7 +308,8 @@ def evaluate(task: Task | str | Path, model, logits_fn: LogitsFn | None = None, 
     return {"task": task.name, "kind": task.kind, "n": len(scores), "mean": mean, "lo": lo, "hi": hi}
 
 
-def _main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Print each task's score (accuracy or mean NLL, 95% bootstrap CI) and its wall and CPU seconds."""
     import argparse
     import time
     ap = argparse.ArgumentParser(prog="python -m interp.tasks", description="score SmolLM2 (or a model) on tasks")
@@ -299,17 +320,17 @@ def _main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     from .model import load
     model = load(a.model)
-    print(f"{'task':<12} {'kind':<11} {'n':>4}  {'score':>7}  95% CI            secs")
+    print(f"{'task':<12} {'kind':<11} {'n':>4}  {'score':>7}  {'95% CI':<16}  wall_s  cpu_s  metric")
     for name in a.tasks or list_tasks():
         task = load_task(name)
         if a.limit:
             task = task.subset(a.limit)
-        t0 = time.time()
-        r = evaluate(task, model, match=a.match)
-        metric = "mean NLL" if r["kind"] == "perplexity" else "acc"
+        t0, c0 = time.time(), time.process_time()
+        r = summarize(task, model, match=a.match)
+        metric = "mean token NLL (nats)" if r["kind"] == "perplexity" else "accuracy"
         print(f"{r['task']:<12} {r['kind']:<11} {r['n']:>4}  {r['mean']:7.3f}  [{r['lo']:.3f}, {r['hi']:.3f}]  "
-              f"{time.time() - t0:5.1f}  ({metric})", flush=True)
+              f"{time.time() - t0:6.1f}  {time.process_time() - c0:5.1f}  {metric}", flush=True)
 
 
 if __name__ == "__main__":
-    _main()
+    main()
