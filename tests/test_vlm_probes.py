@@ -1,0 +1,55 @@
+"""The vision-language path on the trained AR testbed (a real LlavaForConditionalGeneration)."""
+import copy
+
+import pytest
+import torch
+
+import interp
+from interp.testbed import CHECKPOINT_DIR, build_inputs, load_testbed, make_dataset
+from probes.vhd import to_spec, vhd
+
+pytestmark = pytest.mark.skipif(not (CHECKPOINT_DIR / "llava_ar" / "model.safetensors").exists(),
+                                reason="the AR testbed checkpoint is not committed")
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    hf, tok, meta = load_testbed("llava_ar")
+    return interp.load(hf, tokenizer=tok, name="testbed-llava-ar"), tok, meta
+
+
+def test_capture_equals_hf_on_testbed(testbed):
+    m, tok, meta = testbed
+    sc = make_dataset(3, seed=5, split="test")[0]
+    inp = build_inputs(tok, meta, sc, sc.questions()[0])
+    ref = copy.deepcopy(m.hf)
+    ref.set_attn_implementation("eager")
+    with torch.no_grad():
+        r = ref(**inp, output_attentions=True)
+    tr = interp.capture(m, inp, sites=["blocks.*.attn.pattern", "logits"])
+    assert len(tr.roles[0]["image"]) == 64
+    for l in range(m.n_layers):
+        assert (tr[f"blocks.{l}.attn.pattern"] - r.attentions[l]).abs().max() <= 1e-5
+    assert (tr["logits"] - r.logits).abs().max() <= 1e-5
+
+
+def test_vhd_and_vhr_neutral(testbed):
+    m, tok, meta = testbed
+    sc = make_dataset(3, seed=6, split="test")[0]
+    inp = build_inputs(tok, meta, sc, sc.questions()[0])
+    f = vhd(m, inp, n_tokens=1)
+    V = f.arrays["vhd"]
+    assert V.shape == (1, m.n_layers, m.n_heads) and (V >= 0).all()
+    # by hand for one head: ‖z(with image) − z(without image)‖ at the last position
+    img = inp["input_ids"][0] == m.adapter.image_token_id
+    za = interp.capture(m, inp, sites="blocks.1.attn.z")["blocks.1.attn.z"][0, -1]
+    text = {"input_ids": inp["input_ids"][:, ~img]}
+    zb = interp.capture(m, text, sites="blocks.1.attn.z")["blocks.1.attn.z"][0, -1]
+    unpruned = vhd(m, inp, n_tokens=1, prune=False).arrays["vhd"][0, 1]
+    assert (unpruned - (za - zb).norm(dim=-1)).abs().max() <= 1e-5
+    b = m.encode(inp)
+    base = m.logits(b)
+    with interp.patch(m, to_spec(f, m, alpha=1.0)):
+        assert torch.equal(m.logits(b), base)  # VHR with α = 1 is bit-identical
+    with interp.patch(m, to_spec(f, m, alpha=2.0)):
+        assert not torch.equal(m.logits(b), base)
