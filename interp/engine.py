@@ -62,7 +62,8 @@ class AttentionHook(Protocol):
 class Engine:
     """Per-model hook registry. Attention modules point at it through ``_interp_engine``."""
 
-    def __init__(self, attn_modules: list[nn.Module]):
+    def __init__(self, attn_modules: list[nn.Module], causal: bool = True):
+        self.causal = causal  # from the model config (a module's own is_causal flag can be stale)
         self.hooks: list[AttentionHook] = []
         self.query_valid: torch.Tensor | None = None  # bool [b, T] of the running inputs (False at padding)
         self.roles = None  # list[Roles] of the running inputs, for role selectors
@@ -111,7 +112,8 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
         scaling = query.shape[-1] ** -0.5
     b, h, q_len, _ = query.shape
     k_len = key.shape[2]
-    q_offset = k_len - q_len if getattr(module, "is_causal", True) else 0
+    causal = engine.causal if engine is not None else getattr(module, "is_causal", True)
+    q_offset = k_len - q_len if causal else 0
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
 
@@ -131,8 +133,10 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
             bias = _sum_bias(hooks, layer, call, query, key)
             if bias is not None:
                 if mask is None:
-                    mask = _default_mask(module, q_len, k_len, q_offset, query)
+                    mask = _default_mask(causal, q_len, k_len, q_offset, query)
                 mask = mask + bias
+        if engine is not None and not causal:
+            kwargs["is_causal"] = False
         out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
         if "z" in needs:
             out = _apply_z(hooks, layer, out, call_for(0, q_len), repeat_kv(value, h // value.shape[1]), None)
@@ -151,8 +155,8 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
             logits = torch.tanh(logits / softcap) * softcap
         if call.mask is not None:
             logits = logits + call.mask
-        elif getattr(module, "is_causal", True) and q_len > 1:
-            logits = logits + _default_mask(module, q_len, k_len, q_offset, query)[:, :, q0:q1]
+        elif causal and q_len > 1:
+            logits = logits + _default_mask(causal, q_len, k_len, q_offset, query)[:, :, q0:q1]
         if "bias" in needs:
             bias = _sum_bias(hooks, layer, call, query[:, :, q0:q1], key)
             if bias is not None:
@@ -181,10 +185,10 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
     return out.contiguous(), weights
 
 
-def _default_mask(module, q_len, k_len, q_offset, query) -> torch.Tensor:
-    """Causal (or all-zero for bidirectional modules) additive mask [1, 1, q, k]."""
+def _default_mask(causal: bool, q_len, k_len, q_offset, query) -> torch.Tensor:
+    """Causal (or all-zero for bidirectional models) additive mask [1, 1, q, k]."""
     m = torch.zeros(q_len, k_len, dtype=query.dtype, device=query.device)
-    if getattr(module, "is_causal", True):
+    if causal:
         qpos = torch.arange(q_len, device=query.device)[:, None] + q_offset
         kpos = torch.arange(k_len, device=query.device)[None, :]
         m = m.masked_fill(kpos > qpos, torch.finfo(query.dtype).min)

@@ -52,7 +52,7 @@ class Model:
         self.hf.eval()
         _engine.register()
         self.hf.set_attn_implementation(_engine.ATTN_NAME)
-        self.engine = _engine.Engine(self.adapter.attn)
+        self.engine = _engine.Engine(self.adapter.attn, causal=self.adapter.causal)
         self.fingerprint = config_fingerprint(self.hf.config)
         ad = self.adapter
         if ad.mask_token_id is None and not ad.causal:  # masked-diffusion LMs: the mask token

@@ -240,5 +240,7 @@ def test_tiny_llava_capture_matches_hf(causal):
     for l in range(2):
         assert (tr[f"blocks.{l}.resid_post"] - ref.hidden_states[l + 1]).abs().max() <= 1e-5
     assert (tr["logits"] - ref.logits).abs().max() <= 1e-5
+    with torch.no_grad():  # the idle (SDPA) path respects the model's causality too
+        assert (m.hf(**inp).logits - ref.logits).abs().max() <= 1e-5
     A = tr["blocks.0.attn.pattern"][0, 0]
     assert (A[2, 3:] == 0).all() if causal else (A[2, 3:] > 0).all()
