@@ -219,20 +219,22 @@ class _CaptureHook:
             out.add("z")
         return out
 
-    def _keep(self, name, t):
+    def _keep(self, name, t, copy: bool = True):
+        """Keep a tensor. Attention tensors are fresh per call and never edited in place, so they are kept
+        without a copy (a full-pattern capture then holds one copy of each pattern, like HF eager)."""
         if self.grad:
             if t.requires_grad:
                 t.retain_grad()
         else:
-            t = t.detach().clone()
+            t = t.detach().clone() if copy else t.detach()
         self.store.setdefault(name, []).append(t)
 
     def on_logits(self, layer, logits, call):
-        self._keep(f"blocks.{layer}.attn.logits", logits)
+        self._keep(f"blocks.{layer}.attn.logits", logits)  # copied: logit edits may follow
 
     def on_weights(self, layer, weights, call):
         if "attn.pattern" in self.by_layer.get(layer, ()):
-            self._keep(f"blocks.{layer}.attn.pattern", weights)
+            self._keep(f"blocks.{layer}.attn.pattern", weights, copy=False)
         for r in self.reducers:
             if r.applies(layer):
                 r.update(layer, weights, call)
