@@ -193,9 +193,14 @@ def predict_answers(model, tokenizer, meta: dict, scenes: list[Scene], questions
             L = ids.shape[1]
             if kind == "ar":
                 x = ids
+                done = torch.zeros(x.shape[0], dtype=torch.bool, device=device)
                 for _ in range(max_new_tokens):
-                    logits = model(input_ids=x, pixel_values=px).logits[:, -1]
-                    x = torch.cat([x, logits.argmax(-1, keepdim=True)], dim=1)
+                    logits = model(input_ids=x, pixel_values=px, logits_to_keep=1).logits[:, -1]
+                    nxt = logits.argmax(-1)
+                    x = torch.cat([x, nxt[:, None]], dim=1)
+                    done |= nxt == tokenizer.eos_token_id
+                    if done.all():
+                        break
             elif kind == "diffusion":
                 x = diffusion_generate(model, ids, px, gen_len=gen_len, steps=steps, block_len=block_len,
                                        mask_id=meta["mask_token_id"])

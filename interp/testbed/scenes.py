@@ -4,10 +4,10 @@ Each scene is a 32x32 RGB image (float, values in [0, 1]) on a dark background h
 1-3 objects.  The image is split into an 8x8 grid of 4x4-pixel patches (64 image tokens,
 patch index ``row * 8 + col``).  The grid is further divided into four 4x4-patch
 quadrants (top-left, top-right, bottom-left, bottom-right); every object lives entirely
-inside its own quadrant, is snapped to the patch grid and is 2 or 3 patches wide/high
-(8 or 12 pixels).  An object's patch set is the exact set of patches that contain at
-least one of its pixels (for every shape but the 12-pixel cross this is every patch of
-its box; the big cross leaves its four corner patches empty).
+inside its own quadrant, is snapped to the patch grid and is 2x2 patches (8x8 pixels;
+``OBJECT_SIZES``), so each of its 4 patches holds one corner of the shape.  An object's
+patch set is the exact set of patches that contain at least one of its pixels (with
+2x2-patch objects: all 4 patches of its box).
 
 Shapes: square, circle, triangle, cross.  Colours: red, green, blue, yellow, purple.
 
@@ -52,6 +52,7 @@ COLOUR_RGB = {
     "purple": (0.7, 0.2, 0.9),
 }
 NOISE_STD = 0.03
+OBJECT_SIZES = (2,)  # object side in patches (2 -> 8x8 pixels; every patch holds one corner)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ class Scene:
         """Questions about this scene, at most one per type by default.
 
         With ``all_objects=True`` colour/where questions are produced for every uniquely
-        identifiable object and both a "yes" and a "no" exist question are produced.
+        identifiable object and two "yes" and two "no" exist questions (possibly repeated)
+        are produced (used for packed training).
         ``rng`` defaults to a generator seeded from the scene seed (deterministic).
         """
         rng = rng if rng is not None else random.Random(self.seed * 7919 + 17)
@@ -107,7 +109,7 @@ class Scene:
                     else:
                         out.append(Question("where", f"where is the {o.shape} ?", o.quadrant, i))
             elif qt == "exist":
-                flags = [True, False] if all_objects else [rng.random() < 0.5]
+                flags = [True, True, False, False] if all_objects else [rng.random() < 0.5]
                 for yes in flags:
                     out.append(self._exist_question(rng, yes))
             elif qt == "count":
@@ -186,7 +188,7 @@ def make_scene(seed: int, noise: bool = True) -> Scene:
     for q in quadrants:
         shape = rng.choice(SHAPES)
         colour = rng.choice(COLOURS)
-        size_p = rng.choice((2, 3))
+        size_p = rng.choice(OBJECT_SIZES)
         qr, qc = divmod(q, 2)
         pr = qr * QUADRANT_PATCHES + rng.randint(0, QUADRANT_PATCHES - size_p)
         pc = qc * QUADRANT_PATCHES + rng.randint(0, QUADRANT_PATCHES - size_p)

@@ -3,11 +3,14 @@
     python -m interp.testbed.train --model ar        --out interp/testbed/checkpoints/llava_ar        --seed 0
     python -m interp.testbed.train --model diffusion --out interp/testbed/checkpoints/llada_diffusion --seed 0
 
-Recipe (CPU, 2 threads):
+Recipe (CPU, 1 thread by default -- robust on a shared, oversubscribed machine):
 
-1. Vision warm-up (LLaVA stage 1 analogue): CLIP tower + projector are trained alone to
-   predict the set of (colour, shape) pairs and the object count from the *mean* image
-   token through a throw-away linear head.
+0. Init: every Linear/Embedding ~ N(0, 0.08) (``initializer_range``; HF's 0.02 default
+   made the 64-wide model learn shape-conditioned attention far more slowly).
+1. Vision warm-up (LLaVA stage 1 analogue): CLIP tower + projector (+ the LM's word
+   embeddings) are trained alone to predict the set of (colour, shape) pairs and the
+   object count from the *mean* image token through a throw-away linear head, and the
+   colour and shape of every patch by dot product with the colour/shape word embeddings.
 2. Full training with all questions about a scene packed in one sequence::
 
        <bos> <image>*64 | user : q1 assistant : a1 <eos> | user : q2 ... | ...
@@ -41,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .diffusion import masked_diffusion_loss
-from .scenes import COLOURS, COUNT_WORDS, N_PATCHES, QUESTION_TYPES, SHAPES, make_scene, scene_seed
+from .scenes import COLOURS, COUNT_WORDS, N_PATCHES, QUESTION_TYPES, SHAPES, WHERE_WORDS, make_scene, scene_seed
 from .vocab import BOS, EOS, IMAGE, MASK, PAD, VOCAB, build_tokenizer
 
 GEN_LEN = 3  # answer region of the diffusion model (answer + <eos> padding)
@@ -52,6 +55,10 @@ DIFFUSION_EPS = 1e-3
 MODEL_DIMS = dict(
     vision_hidden=64, vision_layers=2, vision_heads=4, vision_intermediate=128,
     text_hidden=64, text_layers=3, text_heads=4, text_kv_heads=4, text_intermediate=192,
+    # LlavaPreTrainedModel initialises every Linear/Embedding (CLIP's too) with
+    # N(0, text_config.initializer_range); HF's default 0.02 is tuned for wide models and
+    # leaves a 64-wide model with near-uniform attention that learns content lookup slowly.
+    initializer_range=0.08,
 )
 
 TOK = {w: i for i, w in enumerate(VOCAB)}
@@ -72,7 +79,7 @@ def build_config(kind: str, vocab_size: int = len(VOCAB)):
         num_hidden_layers=d["text_layers"], num_attention_heads=d["text_heads"],
         num_key_value_heads=d["text_kv_heads"], max_position_embeddings=256,
         pad_token_id=TOK[PAD], bos_token_id=TOK[BOS], eos_token_id=TOK[EOS],
-        tie_word_embeddings=False, is_causal=(kind == "ar"),
+        tie_word_embeddings=False, is_causal=(kind == "ar"), initializer_range=d["initializer_range"],
     )
     return LlavaConfig(
         vision_config=vision, text_config=text,
@@ -258,26 +265,40 @@ def compute_loss(model, batch, kind: str):
 PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 
 
-def patch_labels(scene) -> torch.Tensor:
-    """long[64]: 0 for background patches, 1 + index of the (colour, shape) pair otherwise."""
-    lab = torch.zeros(N_PATCHES, dtype=torch.long)
+def patch_labels(scene) -> tuple[torch.Tensor, torch.Tensor]:
+    """(colour, shape) label of every patch: long[64] each, 0 = background, else 1 + index."""
+    col = torch.zeros(N_PATCHES, dtype=torch.long)
+    shp = torch.zeros(N_PATCHES, dtype=torch.long)
     for o in scene.objects:
-        lab[list(o.patches)] = 1 + PAIRS.index((o.colour, o.shape))
-    return lab
+        col[list(o.patches)] = 1 + COLOURS.index(o.colour)
+        shp[list(o.patches)] = 1 + SHAPES.index(o.shape)
+    return col, shp
 
 
-def vision_warmup(model, steps: int, batch_size: int, seed: int, lr: float, patch_head: bool = True, log=print):
-    """Stage 1: train tower + projector alone (the LM is untouched).
+def vision_warmup(model, steps: int, batch_size: int, seed: int, lr: float, patch_head: bool = True,
+                  quadrant_head: bool = False, log=print):
+    """Stage 1: train tower + projector (and the LM's word embeddings) alone.
 
-    Heads (thrown away afterwards): from the MEAN image token, the set of (colour, shape)
-    pairs (multi-label) and the object count; with ``patch_head`` also, from every image
-    token, the (colour, shape) pair of the object covering that patch (or background).
+    Heads: from the MEAN image token, the set of (colour, shape) pairs (multi-label) and the
+    object count (throw-away linear head); with ``patch_head`` also, from every image token,
+    the colour and the shape of the object covering the patch, scored by dot product with
+    the LM's input embeddings of the colour / shape words (``<pad>`` = background).  This
+    aligns image tokens with the word embeddings as LLaVA's first stage does, which makes
+    "find the <shape>" attention in the LM easy to learn.  With ``quadrant_head`` every
+    patch also predicts its quadrant word (top-left, ...), so image tokens carry their
+    location explicitly (used for the bidirectional model, which has no causal-mask
+    position signal).
     """
     d = model.config.text_config.hidden_size
     head = torch.nn.Linear(d, len(PAIRS) + len(COUNT_WORDS))
-    phead = torch.nn.Linear(d, len(PAIRS) + 1)
+    emb = model.model.language_model.embed_tokens
+    col_ids = torch.tensor([TOK[PAD]] + [TOK[c] for c in COLOURS])
+    shp_ids = torch.tensor([TOK[PAD]] + [TOK[s] for s in SHAPES])
+    quad_ids = torch.tensor([TOK[w] for w in WHERE_WORDS])
+    r, c = torch.arange(N_PATCHES) // 8, torch.arange(N_PATCHES) % 8
+    quad_lab = (r // 4) * 2 + (c // 4)  # [64] quadrant index of every patch
     params = (list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-              + list(head.parameters()) + list(phead.parameters()))
+              + list(head.parameters()) + (list(emb.parameters()) if patch_head else []))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     k = 0
     t0 = time.time()
@@ -295,9 +316,16 @@ def vision_warmup(model, steps: int, batch_size: int, seed: int, lr: float, patc
         loss = F.binary_cross_entropy_with_logits(out[:, : len(PAIRS)], tgt) * len(PAIRS) / 4 + F.cross_entropy(
             out[:, len(PAIRS):], cnt)
         if patch_head:
-            plab = torch.stack([patch_labels(s) for s in scenes])
-            pout = phead(feats)
-            loss = loss + F.cross_entropy(pout.reshape(-1, pout.shape[-1]), plab.reshape(-1))
+            labs = [patch_labels(s) for s in scenes]
+            pcol = torch.stack([c for c, _ in labs])
+            pshp = torch.stack([h for _, h in labs])
+            lc = feats @ emb.weight[col_ids].T  # [B,64,6]
+            ls = feats @ emb.weight[shp_ids].T  # [B,64,5]
+            loss = (loss + F.cross_entropy(lc.reshape(-1, lc.shape[-1]), pcol.reshape(-1))
+                    + F.cross_entropy(ls.reshape(-1, ls.shape[-1]), pshp.reshape(-1)))
+            if quadrant_head:
+                lq = feats @ emb.weight[quad_ids].T  # [B,64,4]
+                loss = loss + F.cross_entropy(lq.reshape(-1, 4), quad_lab.repeat(batch_size))
         lr_t = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = lr_t
@@ -311,8 +339,10 @@ def vision_warmup(model, steps: int, batch_size: int, seed: int, lr: float, patc
                 cnt_acc = (out[:, len(PAIRS):].argmax(1) == cnt).float().mean().item()
                 msg = ""
                 if patch_head:
-                    obj = plab > 0
-                    msg = f" patch_obj_acc {(pout.argmax(-1) == plab)[obj].float().mean().item():.2f}"
+                    obj = pcol > 0
+                    ca = (lc.argmax(-1) == pcol)[obj].float().mean().item()
+                    sa = (ls.argmax(-1) == pshp)[obj].float().mean().item()
+                    msg = f" patch_colour_acc {ca:.2f} patch_shape_acc {sa:.2f}"
             log(f"[vision] step {step:4d} loss {loss.item():.4f} pairset_acc {pair_acc:.2f} count_acc {cnt_acc:.2f}"
                 f"{msg} ({time.time() - t0:.0f}s)")
 
@@ -320,7 +350,7 @@ def vision_warmup(model, steps: int, batch_size: int, seed: int, lr: float, patc
 # ---------------------------------------------------------------------- main loop
 def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_steps: int = 600,
           batch_size: int = 32, single_batch_size: int = 96, single_frac: float = 0.0, lr: float = 3e-3,
-          warmup: int = 100, eval_every: int = 500, eval_n: int = 200, test_n: int = 1000, threads: int = 2,
+          quadrant_head: bool = False, warmup: int = 100, eval_every: int = 500, eval_n: int = 200, test_n: int = 1000, threads: int = 1,
           log=print) -> dict:
     from . import evaluate_accuracy
     from .scenes import make_dataset
@@ -334,7 +364,7 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model={kind} params={n_params} steps={steps} vision_steps={vision_steps} batch={batch_size}")
     model.train()
-    vision_warmup(model, vision_steps, 64, seed, lr, log=log)
+    vision_warmup(model, vision_steps, 64, seed, lr, quadrant_head=quadrant_head, log=log)
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = random.Random(seed + 1)
@@ -376,7 +406,7 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
     meta["training"] = {
         "command": f"python -m interp.testbed.train --model {kind} --out {out} --seed {seed}",
         "seed": seed, "steps": steps, "vision_steps": vision_steps, "batch_size": batch_size,
-        "single_batch_size": single_batch_size, "single_frac": single_frac, "lr": lr, "threads": threads,
+        "single_batch_size": single_batch_size, "single_frac": single_frac, "quadrant_head": quadrant_head, "lr": lr, "threads": threads,
         "n_params": n_params, "train_wall_time_s": round(train_time, 1),
         "test_accuracy": {k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in acc.items()},
         "test_split": f"make_dataset({test_n}, seed={seed}, split='test')",
@@ -393,8 +423,8 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
 
 
 DEFAULTS = {
-    "ar": dict(steps=3000, vision_steps=600, batch_size=32, single_frac=0.0),
-    "diffusion": dict(steps=4000, vision_steps=600, batch_size=32, single_frac=0.25),
+    "ar": dict(steps=1500, vision_steps=600, batch_size=32, single_frac=0.0),
+    "diffusion": dict(steps=3500, vision_steps=600, batch_size=32, single_frac=0.3, quadrant_head=True),
 }
 
 
@@ -407,16 +437,17 @@ def main(argv=None):
     ap.add_argument("--vision-steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--single-frac", type=float, default=None)
+    ap.add_argument("--quadrant-head", type=int, choices=[0, 1], default=None)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--test-n", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     cfg = dict(DEFAULTS[a.model])
-    for key in ("steps", "vision_steps", "batch_size", "single_frac"):
+    for key in ("steps", "vision_steps", "batch_size", "single_frac", "quadrant_head"):
         v = getattr(a, key)
         if v is not None:
-            cfg[key] = v
+            cfg[key] = bool(v) if key == "quadrant_head" else v
     train(a.model, a.out, seed=a.seed, lr=a.lr, eval_every=a.eval_every, test_n=a.test_n, threads=a.threads,
           log=lambda s: print(s, flush=True), **cfg)
 
