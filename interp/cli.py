@@ -36,7 +36,7 @@ def _run_probe(name: str, model, prompts):
         return logit_lens(model, [x["prompt"] for x in fs], targets=[[x["answer"]] for x in fs], progress=False), None
     if name == "knockout":
         from probes.knockout import knockout
-        f = knockout(model, progress=False)
+        f = knockout(model, layers=list(range(0, model.n_layers, 3)), progress=False)  # every 3rd window centre
         return f, f.to_spec(model=model)
     if name == "linear":
         from probes.linear import linear_probe
