@@ -3,37 +3,11 @@ with a paired bootstrap confidence interval on the difference."""
 from __future__ import annotations
 
 import pandas as pd
-import torch
 
 from .finding import Finding
 from .patch import patch
-from .roles import Batch, Roles
 from .spec import Spec
-from .tasks import Task, bootstrap_ci, load_task, score_items
-
-
-def _logits_fn(model, batch_size: int = 16):
-    """Right-padded batches run with their roles known to the engine (so 'last', 'role:bos' resolve per item)."""
-    pad = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
-
-    def fn(seqs: list[list[int]]) -> list[torch.Tensor]:
-        out: list = [None] * len(seqs)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            T = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), T), pad, dtype=torch.long)
-            am = torch.zeros_like(ids)
-            for r, i in enumerate(idx):
-                ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
-                am[r, :len(seqs[i])] = 1
-            batch = Batch(ids, am, [Roles({"bos": [0]}, length=len(seqs[i])) for i in idx], [[] for _ in idx])
-            with torch.no_grad(), model.engine.running(batch):
-                logits = model.hf(input_ids=ids, attention_mask=am).logits.float()
-            for r, i in enumerate(idx):
-                out[i] = logits[r, :len(seqs[i])]
-        return out
-    return fn
+from .tasks import Task, bootstrap_ci, default_logits_fn, load_task, score_items
 
 
 def evaluate(model, spec: Spec | list[Spec], task: Task | str, *, limit: int | None = None, seed: int = 0) -> Finding:
@@ -42,7 +16,7 @@ def evaluate(model, spec: Spec | list[Spec], task: Task | str, *, limit: int | N
     if limit:
         task = Task(task.name, task.kind, task.items[:limit], task.path)
     specs = spec if isinstance(spec, list) else [spec]
-    fn = _logits_fn(model)
+    fn = default_logits_fn(model, batch_size=16)
     base = score_items(task, model, fn)
     with patch(model, *specs):
         edited = score_items(task, model, fn)

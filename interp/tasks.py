@@ -22,6 +22,8 @@ score on each task; ``interp.evaluate`` builds on this module to compare a model
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 from dataclasses import dataclass, field
@@ -145,7 +147,10 @@ def load_task(name_or_path: str | Path) -> Task:
 # --------------------------------------------------------------------------------------------- scoring
 
 def default_logits_fn(model, batch_size: int = 32) -> LogitsFn:
-    """Run ``model.hf`` on token-id lists in right-padded batches (sorted by length); [T, V] logits each."""
+    """Run ``model.hf`` on token-id lists in right-padded batches (sorted by length); [T, V] logits each.
+
+    With an interp Model, each batch runs with its roles known to the engine, so active specs resolve
+    ``last`` and ``role:bos`` per sequence rather than at the padded end."""
     hf = model.hf
     tok = getattr(model, "tokenizer", None)
     pad = getattr(tok, "pad_token_id", None)
@@ -164,7 +169,13 @@ def default_logits_fn(model, batch_size: int = 32) -> LogitsFn:
                 for r, i in enumerate(idx):
                     ids[r, :len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
                     mask[r, :len(seqs[i])] = 1
-                logits = hf(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+                running = contextlib.nullcontext()
+                if hasattr(model, "engine"):
+                    from .roles import Batch, Roles
+                    running = model.engine.running(Batch(ids, mask, [Roles({"bos": [0]}, length=len(seqs[i]))
+                                                                     for i in idx], [[] for _ in idx]))
+                with running:
+                    logits = hf(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
                 for r, i in enumerate(idx):
                     out[i] = logits[r, :len(seqs[i])]
         return out  # type: ignore[return-value]
