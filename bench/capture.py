@@ -33,8 +33,11 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(C.ROOT))
-import interp  # noqa: E402
+try:  # the installed (editable) interp, or a copy on PYTHONPATH to compare a change
+    import interp  # noqa: E402
+except ImportError:
+    sys.path.insert(0, str(C.ROOT))
+    import interp  # noqa: E402
 
 ROWS = ["sdpa", "eager", "interp", "reducers", "idle", "tl", "nnsight"]
 LABELS = {
@@ -241,6 +244,7 @@ def main(args) -> None:
     print(f"# bench/capture.py  {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"# machine: {C.machine()}; torch threads: {args.threads}; load average at start: {C.loadavg()}")
     print(f"# {C.versions()}")
+    print(f"# interp {interp.__version__} from {Path(interp.__file__).parent}")
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     print(f"# allocator: glibc malloc{' with ' + str(malloc) if malloc else ' (default settings)'}")
     m = interp.load("smollm2")

@@ -23,7 +23,10 @@ Recipe (CPU, 1 thread by default -- robust on a shared, oversubscribed machine):
    * Diffusion: answer region = answer + ``<eos>`` padded to ``GEN_LEN`` tokens; per
      block ``t ~ U(0,1)``, ``p = (1-eps) t + eps``, each answer-region token is replaced by
      ``<mask>`` with prob ``p`` (at least one); loss = CE at masked positions (no shift)
-     weighted ``1/p``, divided by the number of answer-region tokens.
+     weighted ``1/p_marg`` with ``p_marg = p + (1-p)^3/3`` the exact marginal masking
+     probability under the at-least-one rule (= 1/t except for small t; plain 1/t gave
+     rare 1/eps-weighted spikes that stalled training), divided by the number of
+     answer-region tokens.
 3. Diffusion only: a final phase with plain one-question sequences (fully bidirectional,
    the image tokens now also see the question) so training matches inference exactly.
 
@@ -228,12 +231,20 @@ def make_batch(scenes, kind: str, rng: random.Random, gen: torch.Generator, pack
         targets[:, :-1] = torch.where(ans[:, 1:], input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
         out["targets"] = targets
     else:
-        # per-block masking ratio
+        # per-block masking ratio t ~ U(0,1) (p = (1-eps) t + eps, as in LLaDA)
         nblk = int(block.max()) + 1
         t = torch.rand((B, nblk), generator=gen)
         pm_blk = (1 - DIFFUSION_EPS) * t + DIFFUSION_EPS
         p_mask = torch.gather(pm_blk, 1, block.clamp(min=0))
         masked = (torch.rand((B, L), generator=gen) < p_mask) & ans
+        # Loss weight: 1 / (marginal probability that a token is masked).  With the
+        # "at least one masked token per block" rule (one of the GEN_LEN answer-region
+        # tokens is forced when none was drawn) that marginal is p + (1-p)^n / n, which is
+        # ~p (weight ~1/t) unless t is small.  Using plain 1/t here gives the forced
+        # tokens weights up to 1/eps, whose spikes dominate (and, with gradient clipping,
+        # wipe out) whole steps; this weight keeps the estimator unbiased and bounded.
+        n_reg = GEN_LEN
+        p_weight = p_mask + (1 - p_mask) ** n_reg / n_reg
         # at least one masked token per block
         for i in range(B):
             for bb in block[i].unique().tolist():
@@ -246,7 +257,7 @@ def make_batch(scenes, kind: str, rng: random.Random, gen: torch.Generator, pack
         out["targets"] = input_ids.clone()
         out["input_ids"] = torch.where(masked, torch.full_like(input_ids, TOK[MASK]), input_ids)
         out["masked"] = masked
-        out["p_mask"] = p_mask
+        out["p_mask"] = p_weight
         out["n_answer"] = int(ans.sum())
     return out
 
@@ -350,7 +361,7 @@ def vision_warmup(model, steps: int, batch_size: int, seed: int, lr: float, patc
 # ---------------------------------------------------------------------- main loop
 def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_steps: int = 600,
           batch_size: int = 32, single_batch_size: int = 96, single_frac: float = 0.0, lr: float = 3e-3,
-          quadrant_head: bool = False, warmup: int = 100, eval_every: int = 500, eval_n: int = 200, test_n: int = 1000, threads: int = 1,
+          quadrant_head: bool = False, init_from: str | None = None, warmup: int = 100, eval_every: int = 500, eval_n: int = 200, test_n: int = 1000, threads: int = 1,
           log=print) -> dict:
     from . import evaluate_accuracy
     from .scenes import make_dataset
@@ -363,8 +374,18 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
     meta = build_meta(kind)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model={kind} params={n_params} steps={steps} vision_steps={vision_steps} batch={batch_size}")
+    if init_from:
+        # e.g. adapt the AR checkpoint into a diffusion model (Dream / DiffuLLaMA style)
+        # (from_pretrained: the safetensors file uses HF's legacy llava key layout)
+        from transformers import LlavaForConditionalGeneration
+
+        src = LlavaForConditionalGeneration.from_pretrained(init_from, attn_implementation="eager")
+        model.load_state_dict(src.state_dict(), strict=True)
+        del src
+        log(f"initialised all weights from {init_from}")
     model.train()
-    vision_warmup(model, vision_steps, 64, seed, lr, quadrant_head=quadrant_head, log=log)
+    if vision_steps > 0:
+        vision_warmup(model, vision_steps, 64, seed, lr, quadrant_head=quadrant_head, log=log)
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = random.Random(seed + 1)
@@ -406,7 +427,7 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
     meta["training"] = {
         "command": f"python -m interp.testbed.train --model {kind} --out {out} --seed {seed}",
         "seed": seed, "steps": steps, "vision_steps": vision_steps, "batch_size": batch_size,
-        "single_batch_size": single_batch_size, "single_frac": single_frac, "quadrant_head": quadrant_head, "lr": lr, "threads": threads,
+        "single_batch_size": single_batch_size, "single_frac": single_frac, "quadrant_head": quadrant_head, "init_from": init_from, "lr": lr, "threads": threads,
         "n_params": n_params, "train_wall_time_s": round(train_time, 1),
         "test_accuracy": {k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in acc.items()},
         "test_split": f"make_dataset({test_n}, seed={seed}, split='test')",
@@ -438,6 +459,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--single-frac", type=float, default=None)
     ap.add_argument("--quadrant-head", type=int, choices=[0, 1], default=None)
+    ap.add_argument("--init-from", default=None, help="checkpoint dir to initialise the weights from")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--test-n", type=int, default=1000)
@@ -448,7 +470,7 @@ def main(argv=None):
         v = getattr(a, key)
         if v is not None:
             cfg[key] = bool(v) if key == "quadrant_head" else v
-    train(a.model, a.out, seed=a.seed, lr=a.lr, eval_every=a.eval_every, test_n=a.test_n, threads=a.threads,
+    train(a.model, a.out, seed=a.seed, lr=a.lr, init_from=a.init_from, eval_every=a.eval_every, test_n=a.test_n, threads=a.threads,
           log=lambda s: print(s, flush=True), **cfg)
 
 
