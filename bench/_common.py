@@ -127,7 +127,10 @@ def versions() -> str:
 
 def reproduce(script: str, argv: list[str]) -> str:
     py = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
-    return f"cd {ROOT} && {py} bench/{script} " + " ".join(shlex.quote(a) for a in argv)
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())
+                   if k == "PYTHONPATH" or k.startswith("MALLOC_"))
+    cmd = f"{py} bench/{script} " + " ".join(shlex.quote(a) for a in argv)
+    return f"cd {ROOT} && " + (f"{env} " if env else "") + cmd.rstrip()
 
 
 def table(headers: list[str], rows: list[list[str]], align: str | None = None) -> str:

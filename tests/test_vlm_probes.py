@@ -53,3 +53,29 @@ def test_vhd_and_vhr_neutral(testbed):
         assert torch.equal(m.logits(b), base)  # VHR with α = 1 is bit-identical
     with interp.patch(m, to_spec(f, m, alpha=2.0)):
         assert not torch.equal(m.logits(b), base)
+
+
+def test_diffusion_testbed_capture_and_per_step_traces():
+    from interp.diffusion import denoise
+    hf, tok, meta = load_testbed("llada_diffusion")
+    m = interp.load(hf, tokenizer=tok, name="testbed-llada")
+    assert not m.adapter.causal and m.adapter.mask_token_id == meta["mask_token_id"]
+    sc = make_dataset(2, seed=8, split="test")[0]
+    q = sc.question("colour")
+    inp = build_inputs(tok, meta, sc, q)
+    ref = copy.deepcopy(m.hf)
+    ref.set_attn_implementation("eager")
+    with torch.no_grad():
+        r = ref(**inp, output_attentions=True)
+    tr = interp.capture(m, inp, sites=["blocks.*.attn.pattern", "logits"])
+    for l in range(m.n_layers):
+        assert (tr[f"blocks.{l}.attn.pattern"] - r.attentions[l]).abs().max() <= 1e-5
+    assert (tr["logits"] - r.logits).abs().max() <= 1e-5
+    d = denoise(m, inp, gen_len=meta["gen_len"], steps=meta["gen_len"], block_len=1, sites="blocks.0.attn.pattern")
+    assert d.n_steps == len(d.traces) == meta["gen_len"]
+    T = inp["input_ids"].shape[1] + meta["gen_len"]
+    for s, t in enumerate(d.traces):
+        assert t.meta["step"] == s and t["blocks.0.attn.pattern"].shape[-1] == T
+        assert sum(t.meta["mask_state"][0]) == meta["gen_len"] - s  # one position unmasked per step
+    answer = tok.decode(d.tokens[0, inp["input_ids"].shape[1]:]).split()[0]
+    assert answer == q.answer

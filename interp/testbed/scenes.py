@@ -14,7 +14,7 @@ Shapes: square, circle, triangle, cross.  Colours: red, green, blue, yellow, pur
 Question types (all answers are single words except ``caption``):
 
 * ``colour``  -- "what color is the <shape> ?"         -> colour word
-* ``exist``   -- "is there a <colour> <shape> ?"       -> yes / no (balanced; half of the
+* ``exist``   -- "is there a <colour> <shape> ?"       -> yes / no (balanced; 70% of the
   "no" cases are hard negatives sharing the colour or the shape with an object)
 * ``count``   -- "how many objects ?"                  -> one / two / three
 * ``where``   -- "where is the <shape> ?"              -> top-left / top-right / ...

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -201,7 +200,6 @@ def make_batch(scenes, kind: str, rng: random.Random, gen: torch.Generator, pack
         block[i, :n] = torch.tensor(b)
         ans[i, :n] = torch.tensor(a)
         # positions: prefix 0..64, each block restarts at 65 (packed) / plain 0..n-1
-        bt = torch.tensor(b)
         p = torch.arange(n)
         if packed:
             starts = {}
@@ -212,7 +210,6 @@ def make_batch(scenes, kind: str, rng: random.Random, gen: torch.Generator, pack
             p = p - offs
         pos[i, :n] = p
         pos[i, n:] = torch.arange(L - n) + (p[-1] + 1 if n else 0)
-        del bt
     bi_, bj_ = block[:, :, None], block[:, None, :]
     allowed = (bj_ == 0) | (bj_ == bi_)
     if kind == "ar":
