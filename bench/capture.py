@@ -3,8 +3,11 @@
 One table, one run, SmolLM2-135M-Instruct (the embedded model, fp32, CPU), random token ids
 (fixed seed), batch 1. Time: warm-up runs, then the median of --repeats timed runs; the rows are
 timed round-robin in one process, so load from other processes on the machine hits all rows alike.
-Memory: every row again in a fresh subprocess (this script with --row NAME): the peak RSS of its
-runs minus the RSS once its model is loaded ("Δpeak"), and the total peak RSS of the runs.
+Memory: every row again in fresh subprocesses (this script with --row NAME): the peak RSS of its
+runs minus the RSS once its model is loaded and its weights paged in ("Δpeak", the high-water mark
+is reset after loading through /proc/self/clear_refs, then read as ru_maxrss/VmHWM), median of
+--mem-runs subprocesses; "live Δ", the same in one subprocess with MALLOC_MMAP_THRESHOLD_=65536 so
+that RSS follows the bytes actually held (no glibc heap slack); and the total peak RSS.
 Ratios are against row 1, the plain HF SDPA forward.
 
     .venv/bin/python bench/capture.py                      # 512 tokens, 2 threads, 5 repeats
@@ -187,15 +190,38 @@ def measure_row(args) -> dict:
     return out
 
 
-def memory_of(row: str, args) -> dict:
+LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # every block >= 64 KiB is its own mmap, unmapped on free
+
+
+def memory_of(row: str, args, env: dict | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--row", row, "--tokens", str(args.tokens),
            "--threads", str(args.threads), "--seed", str(args.seed), "--warmup", str(args.warmup),
            "--mem-repeats", str(args.mem_repeats)]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=C.ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=C.ROOT, env={**os.environ, **(env or {})})
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
     return {"row": row, "error": f"subprocess exited {p.returncode}: {p.stderr.strip().splitlines()[-1:]}"}
+
+
+def memory(row: str, args) -> dict:
+    """Median over --mem-runs subprocesses with the default allocator, plus one 'live' subprocess.
+
+    glibc's heap keeps freed [b,h,q,k] temporaries around in ways that vary from run to run (its mmap
+    threshold adapts to the allocation pattern), so the same row can peak 200 MiB apart; the 'live'
+    run fixes the threshold so that RSS follows the bytes actually held.
+    """
+    runs = [memory_of(row, args) for _ in range(args.mem_runs)]
+    bad = [r for r in runs if "error" in r]
+    if bad:
+        return bad[0]
+    out = {"row": row, "delta_kib": C.median([r["delta_kib"] for r in runs]),
+           "peak_kib": C.median([r["peak_kib"] for r in runs]),
+           "delta_runs_kib": [r["delta_kib"] for r in runs]}
+    live = memory_of(row, args, LIVE_ENV)
+    if "delta_kib" in live:
+        out["live_kib"] = live["delta_kib"]
+    return out
 
 
 # ------------------------------------------------------------------------------------- checks
@@ -297,34 +323,40 @@ def main(args) -> None:
     if not args.no_memory:
         for row in ROWS:
             if row not in errors:
-                mem[row] = memory_of(row, args)
+                mem[row] = memory(row, args)
                 if "error" in mem[row]:
                     errors.setdefault(row, mem[row]["error"])
 
     base_t = med.get("sdpa")
     base = mem.get("sdpa", {})
-    headers = ["row", "time ms", "x sdpa", "min-max ms", "Δpeak MiB", "x sdpa", "peak RSS MiB", "x sdpa"]
+    headers = ["row", "time ms", "x sdpa", "min-max ms", "Δpeak MiB", "x sdpa", "live Δ MiB", "x sdpa",
+               "peak RSS MiB", "x sdpa"]
     rows = []
     for row in ROWS:
         if row in errors and row not in med:
-            rows.append([LABELS[row], "n/a", "", "", "", "", "", ""])
+            rows.append([LABELS[row], "n/a"] + [""] * (len(headers) - 2))
             continue
         t = med[row]
         lo, hi = spread[row]
         mm = mem.get(row, {})
+
+        def ratio(key):
+            return f"{mm[key] / base[key]:.2f}x" if base.get(key) else ""
         if "delta_kib" in mm and "delta_kib" in base:
-            d, p = mm["delta_kib"] / 1024, mm["peak_kib"] / 1024
-            dr = f"{mm['delta_kib'] / base['delta_kib']:.2f}x" if base["delta_kib"] > 0 else "?"
-            pr = f"{mm['peak_kib'] / base['peak_kib']:.2f}x"
-            mcols = [f"{d:.0f}", dr, f"{p:.0f}", pr]
+            mcols = [f"{mm['delta_kib'] / 1024:.0f}", ratio("delta_kib"),
+                     f"{mm['live_kib'] / 1024:.0f}" if "live_kib" in mm else "n/a", ratio("live_kib") if "live_kib" in mm else "",
+                     f"{mm['peak_kib'] / 1024:.0f}", ratio("peak_kib")]
         else:
-            mcols = ["n/a", "", "n/a", ""]
+            mcols = ["n/a", "", "n/a", "", "n/a", ""]
         rows.append([LABELS[row], f"{t * 1e3:.0f}", f"{t / base_t:.2f}x", f"{lo * 1e3:.0f}-{hi * 1e3:.0f}"] + mcols)
     print()
     print(C.table(headers, rows))
     print()
-    print(f"Δpeak = peak RSS of the row's runs minus RSS with its model loaded (fresh subprocess per row, "
-          f"peak reset after loading); load average at end of timing: {load_end}")
+    print(f"time: median of {args.repeats} runs, rows round-robin in one process; min-max: fastest and slowest run. "
+          f"Load average at end of timing: {load_end}")
+    print(f"Δpeak: peak RSS of the row's runs minus its RSS once loaded (weights paged in, peak reset), fresh "
+          f"subprocess per row, median of {args.mem_runs}; live Δ: the same with " + " ".join(f"{k}={v}" for k, v in LIVE_ENV.items()) + f" (RSS = bytes held, "
+          f"no allocator slack); peak RSS: the total, median")
     for row, why in errors.items():
         print(f"  {LABELS[row]}: NOT MEASURED: {why}")
     print("Same tensors in every row:")
@@ -347,8 +379,12 @@ def main(args) -> None:
     if "delta_kib" in mem.get("interp", {}) and "delta_kib" in mem.get("tl", {}):
         r = mem["interp"]["delta_kib"] / mem["tl"]["delta_kib"]
         rt = mem["interp"]["peak_kib"] / mem["tl"]["peak_kib"]
+        rl = (f", live Δ: {mem['interp']['live_kib'] / mem['tl']['live_kib']:.2f}x"
+              if "live_kib" in mem["interp"] and "live_kib" in mem["tl"] else "")
+        runs = lambda row: "/".join(f"{d / 1024:.0f}" for d in mem[row]["delta_runs_kib"])  # noqa: E731
         print(f"  [{verdict(r <= 0.6)}] full-capture peak memory <= 0.6x TransformerLens run_with_cache "
-              f"(Δpeak): {r:.2f}x  (total peak RSS: {rt:.2f}x)")
+              f"(Δpeak): {r:.2f}x  (total peak RSS: {rt:.2f}x{rl}; Δpeak runs MiB: interp {runs('interp')}, "
+              f"TL {runs('tl')})")
     else:
         print("  [n/a] full-capture peak memory vs TransformerLens: TransformerLens row not measured")
     print()
@@ -363,6 +399,7 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mem-repeats", type=int, default=2, help="runs after warm-up in each memory subprocess")
+    p.add_argument("--mem-runs", type=int, default=3, help="memory subprocesses per row (median), default allocator")
     p.add_argument("--no-memory", action="store_true", help="skip the per-row memory subprocesses")
     p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: measure one row's memory
     return p.parse_args(argv)
