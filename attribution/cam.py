@@ -1,0 +1,221 @@
+"""LLaVA-CAM: Grad-CAM on the image-token hidden states of every decoder layer, attention-share curves,
+the cliff layer and the truncation test. Zhang et al., "From Redundancy to Relevance: Information Flow
+in LVLMs Across Reasoning Tasks" (NAACL'25; zhangbaijin/From-Redundancy-to-Relevance,
+demo_smooth_grad_threshold.py), after Grad-CAM (Selvaraju et al., ICCV'17). METHODS §5.
+
+Features F^l ∈ R^{n×C}: the residual stream at the n image tokens entering block l (``site="resid_pre"``,
+default; layer 0 is the projected image itself) or leaving it (``"resid_post"``), on the h×w patch grid.
+Target y = the logit of the answer's first token at the last position (a batch sums its rows' targets;
+rows do not interact, so each row gets its own gradient).
+
+    Grad-CAM      α_c = (1/n) Σ_u ∂y/∂F_{u,c},   CAM_u = Σ_c α_c F_{u,c}          (``raw``: = captum LayerGradCam)
+    "gradcam"     ReLU(CAM)
+    "llava_cam"   the source's variant: α⁺_c = (1/n) Σ_u ReLU(∂y/∂F_{u,c}) (ReLU before pooling),
+                  M = max(mean_c α⁺_c F_c, 0) / max_u, then M_u < 0.5 set to 0
+    "grad_x_act"  |Σ_c F_{u,c} ∂y/∂F_{u,c}|  (gradient × activation, Shrikumar et al. 2016: the size of the
+                  first-order effect of token u's state on y; the residual stream has no sign convention,
+                  so its magnitude is kept)
+    "attention"   (1/H) Σ_h A^{l,h}[last, u]  (where the last position reads at layer l)
+    "attn_x_grad" attention ⊙ grad_x_act (read there and mattering to y; best on the testbed, attribution/RESULTS.md)
+    SmoothGrad    every map averaged over N copies of the image with N(0, σ²) noise on the normalised
+                  pixels (the source: N = 50, σ = 0.1).
+
+Attention share λ^l_R = (1/H) Σ_h Σ_{j∈R} A^{l,h}[last, j] for R = image, bos and the text (the rest).
+Cliff layer l* [recon; chosen by eye in the paper]: the first layer where λ_img < f · max_l λ_img and stays
+below for every later layer (f = 0.2); None when λ_img never falls that far.
+Truncation test: ``attn.knockout`` of keys ``role:image`` for all queries in layers > l (k = 0 of the
+source's top-k pruning), through :func:`interp.patch`; accuracy = argmax at the last position equals the
+target token.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+import interp
+from interp.capture import Reducer, RoleMass
+from interp.finding import Finding, digest
+from interp.roles import Batch
+
+METHODS = ("gradcam", "llava_cam", "grad_x_act", "attention", "attn_x_grad")
+
+
+@dataclass
+class LastRow(Reducer):
+    """A^{l,h}[last, :] of each sequence's last real query -> ``blocks.{l}.attn.last_row`` [b, h, k]."""
+
+    def start(self, batch: Batch) -> None:
+        super().start(batch)
+        self._last = [n - 1 for n in batch.lengths]
+
+    def update(self, layer, weights, call):
+        out = self._state.setdefault(layer, torch.zeros(weights.shape[0], weights.shape[1], weights.shape[-1]))
+        for b, last in enumerate(self._last):
+            if call.q_start <= last < call.q_start + call.q_len:
+                out[b] = weights[b, :, last - call.q_start].detach().float()
+
+    def finish(self):
+        return {f"blocks.{l}.attn.last_row": v for l, v in self._state.items()}
+
+
+def grad_cam(F: torch.Tensor, G: torch.Tensor, relu_grad: bool = False, mean: bool = False) -> torch.Tensor:
+    """Raw Grad-CAM over tokens: features and gradients [..., n, C] -> [..., n] = Σ_c α_c F_c
+    (mean_c with ``mean=True``), α_c = mean_u G (of ReLU(G) with ``relu_grad=True``)."""
+    a = (G.clamp(min=0) if relu_grad else G).mean(-2, keepdim=True)
+    cam = (a * F).sum(-1)
+    return cam / F.shape[-1] if mean else cam
+
+
+def llava_cam(F: torch.Tensor, G: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """The source's map: max(mean_c α⁺_c F_c, 0) / max, values below ``threshold`` zeroed."""
+    m = grad_cam(F, G, relu_grad=True, mean=True).clamp(min=0)
+    m = m / m.amax(-1, keepdim=True).clamp_min(1e-30)
+    return torch.where(m < threshold, torch.zeros_like(m), m)
+
+
+def _with_noise(batch: Batch, n: int, sigma: float, seed: int) -> Batch:
+    """The batch repeated n times (row-major: item i's copies are rows i*n .. i*n+n-1), noise on pixels."""
+    px = batch.extra["pixel_values"]
+    g = torch.Generator().manual_seed(seed)
+    noisy = px.repeat_interleave(n, 0)
+    noisy = noisy + sigma * torch.randn(noisy.shape, generator=g).to(noisy)
+    rep = lambda t: t.repeat_interleave(n, 0)  # noqa: E731
+    return Batch(rep(batch.input_ids), rep(batch.attention_mask), [r for r in batch.roles for _ in range(n)],
+                 [t for t in batch.tokens for _ in range(n)], [], {**batch.extra, "pixel_values": noisy})
+
+
+def cam_maps(model: interp.Model, inputs, target: Sequence[int] | int | None = None, *,
+             layers: Sequence[int] | None = None, site: str = "resid_pre", smooth: int = 0, sigma: float = 0.1,
+             seed: int = 0, threshold: float = 0.5) -> dict[str, torch.Tensor]:
+    """Every map of the module docstring from one forward and backward.
+
+    Returns ``{method: [B, L, n] for METHODS, "raw": [B, L, n], "share_image"/"share_bos"/"share_text": [B, L],
+    "target": [B]}``; ``target`` defaults to the model's own argmax at the last position."""
+    if site not in ("resid_pre", "resid_post"):
+        raise interp.InterpError(f"site must be 'resid_pre' or 'resid_post', got {site!r}")
+    batch = model.encode(inputs)
+    img = [r.get("image", []) for r in batch.roles]
+    if not img[0] or any(len(p) != len(img[0]) for p in img):
+        raise interp.InterpError("LLaVA-CAM needs the same number of image tokens (role 'image') in every row")
+    layers = list(range(model.n_layers)) if layers is None else [l % model.n_layers for l in layers]
+    B = len(batch)
+    n_copies = max(1, smooth)
+    run = _with_noise(batch, n_copies, sigma, seed) if smooth else batch
+    names = [f"blocks.{l}.{site}" for l in layers]
+    tr = interp.capture(model, run, sites=names, reducers=[RoleMass(role="image"), RoleMass(role="bos"), LastRow()],
+                        layers=layers, grad=True)
+    logits = tr.output.logits
+    last = torch.tensor(run.lengths) - 1
+    rows = torch.arange(len(run))
+    if target is None:
+        tgt = logits[torch.arange(B) * n_copies, last[::n_copies]].argmax(-1).detach()
+    else:
+        tgt = torch.as_tensor([target] * B if isinstance(target, int) else list(target)).long()
+    y = logits[rows, last, tgt.repeat_interleave(n_copies)].sum()
+    y.backward(inputs=[tr[n] for n in names])
+    pos = torch.tensor([p for r in run.roles for p in r["image"]]).view(len(run), -1)  # [B*N, n]
+    gather = lambda t: t[rows[:, None], pos]  # noqa: E731  [B*N, T, C] -> [B*N, n, C]
+    out: dict[str, list] = {k: [] for k in METHODS + ("raw", "share_image", "share_bos")}
+    for l, name in zip(layers, names):
+        F = gather(tr[name].detach()).float()
+        G = gather(tr.grad(name)).float()
+        raw = grad_cam(F, G)
+        gxa = (F * G).sum(-1).abs()
+        att = gather(tr[f"blocks.{l}.attn.last_row"].mean(1)[..., None])[..., 0]
+        maps = {"raw": raw, "gradcam": raw.clamp(min=0), "llava_cam": llava_cam(F, G, threshold),
+                "grad_x_act": gxa, "attention": att, "attn_x_grad": att * gxa}
+        for k, v in maps.items():
+            out[k].append(v)
+        for role in ("image", "bos"):
+            out[f"share_{role}"].append(tr[f"blocks.{l}.attn.role_mass.{role}"][rows, :, last].mean(1))
+    res = {k: torch.stack(v, 1).view(B, n_copies, len(layers), -1).mean(1) for k, v in out.items()
+           if not k.startswith("share")}
+    for k in ("share_image", "share_bos"):
+        res[k] = torch.stack(out[k], 1).view(B, n_copies, len(layers)).mean(1)
+    res["share_text"] = 1 - res["share_image"] - res["share_bos"]
+    res["target"] = tgt
+    return res
+
+
+def cliff_layer(share: Sequence[float], f: float = 0.2) -> int | None:
+    """First layer from which the share stays below f · its peak (METHODS §5; None if it never does)."""
+    s = torch.as_tensor(share, dtype=torch.float64)
+    below = s < f * s.max()
+    for l in range(int(s.argmax()) + 1, len(s)):
+        if below[l:].all():
+            return l
+    return None
+
+
+@torch.no_grad()
+def truncation_accuracy(model: interp.Model, batches: Sequence, targets: Sequence[Sequence[int]],
+                        layers: Sequence[int] | None = None) -> dict[int, float]:
+    """Accuracy (argmax at the last position == target) when every query's attention to ``role:image`` is
+    knocked out in all layers > l, for each l in ``layers`` (default −1 .. L−1; −1: no image at all,
+    L−1: nothing blocked)."""
+    L = model.n_layers
+    layers = list(range(-1, L)) if layers is None else list(layers)
+    acc = {}
+    for l in layers:
+        blocked = list(range(l + 1, L))
+        spec = interp.Spec.for_model(model, [{"op": "attn.knockout", "layers": blocked, "queries": "all",
+                                              "keys": "role:image"}] if blocked else [],
+                                     analysis="attribution.cam", params={"truncate_after": l})
+        hit = n = 0
+        for inputs, tgt in zip(batches, targets):
+            batch = model.encode(inputs)
+            with interp.patch(model, spec), model.engine.running(batch):
+                logits = model.hf(**batch.model_inputs()).logits
+            last = torch.tensor(batch.lengths) - 1
+            pred = logits[torch.arange(len(batch)), last].argmax(-1)
+            hit += int((pred == torch.as_tensor(tgt)).sum())
+            n += len(batch)
+        acc[l] = hit / max(n, 1)
+    return acc
+
+
+def cam(model: interp.Model, inputs, target: int | None = None, *, method: str = "gradcam",
+        layers: Sequence[int] | None = None, site: str = "resid_pre", smooth: int = 0, sigma: float = 0.1,
+        f: float = 0.2, image: torch.Tensor | None = None, truncation: tuple[Sequence, Sequence] | None = None,
+        seed: int = 0) -> Finding:
+    """LLaVA-CAM of one image + prompt: maps [L, h, w] (``method`` of METHODS), attention shares, cliff layer,
+    and, with ``truncation=(batches, targets)``, the accuracy when image tokens are blocked after each layer.
+
+    ``image`` [3, H, W] in 0..1 is what the figure shows (default: the pixel values rescaled to 0..1)."""
+    if method not in METHODS:
+        raise interp.InterpError(f"unknown method {method!r}: use one of {METHODS}")
+    batch = model.encode(inputs)
+    if len(batch) != 1:
+        raise interp.InterpError(f"cam takes one image and prompt at a time, got a batch of {len(batch)}")
+    layers = list(range(model.n_layers)) if layers is None else [l % model.n_layers for l in layers]
+    r = cam_maps(model, batch, target, layers=layers, site=site, smooth=smooth, sigma=sigma, seed=seed)
+    n = r[method].shape[-1]
+    side = int(math.isqrt(n))
+    grid = (side, n // side) if side * side == n else (1, n)
+    maps = r[method][0].view(len(layers), *grid)
+    mass = r[method][0].clamp(min=0).sum(-1)
+    table = pd.DataFrame({"layer": layers, "attn_image": r["share_image"][0].numpy(),
+                          "cam_mass": (mass / mass.max().clamp_min(1e-30)).numpy(),
+                          "attn_bos": r["share_bos"][0].numpy(), "attn_text": r["share_text"][0].numpy(),
+                          "cam_l1": mass.numpy()})
+    cliff = cliff_layer(table.attn_image, f)
+    metrics = {"target_id": int(r["target"][0]), "cliff_layer": None if cliff is None else layers[cliff],
+               "attn_image_peak_layer": int(layers[int(table.attn_image.values.argmax())]),
+               "cam_peak_layer": int(layers[int(mass.argmax())])}
+    if model.tokenizer is not None:
+        metrics["target"] = model.tokenizer.convert_ids_to_tokens(metrics["target_id"])
+    if truncation is not None:
+        acc = truncation_accuracy(model, *truncation)
+        metrics["truncation_acc"] = {int(k): v for k, v in acc.items()}
+        table.insert(3, "trunc_acc", [acc.get(l, float("nan")) for l in layers])
+    if image is None:
+        px = batch.extra["pixel_values"][0].float()
+        image = (px - px.min()) / (px.max() - px.min()).clamp_min(1e-12)
+    params = {"method": method, "site": site, "layers": layers, "smooth": smooth, "sigma": sigma, "f": f,
+              "grid": list(grid), "map_label": f"{method} (layer per panel)", "layer": int(mass.argmax())}
+    arrays = {"map": maps, "raw": r["raw"][0].view(len(layers), *grid), "image": image.detach().float().cpu()}
+    return Finding("attribution.cam", table, params, model.identity(), digest(batch.input_ids), metrics, arrays)
