@@ -219,3 +219,68 @@ def cam(model: interp.Model, inputs, target: int | None = None, *, method: str =
               "grid": list(grid), "map_label": f"{method} (layer per panel)", "layer": int(mass.argmax())}
     arrays = {"map": maps, "raw": r["raw"][0].view(len(layers), *grid), "image": image.detach().float().cpu()}
     return Finding("attribution.cam", table, params, model.identity(), digest(batch.input_ids), metrics, arrays)
+
+
+# ------------------------------------------------------------------------------------ testbed evaluation
+def testbed_batches(tokenizer, meta: dict, items: Sequence, batch_size: int = 64) -> list[tuple[dict, list[int], list[int]]]:
+    """(inputs, first-answer-token ids, item indices) per batch of equal-length testbed prompts."""
+    from interp.testbed import build_inputs
+    enc = [build_inputs(tokenizer, meta, s, q) for s, q in items]
+    groups: dict[int, list[int]] = {}
+    for i, e in enumerate(enc):
+        groups.setdefault(e["input_ids"].shape[1], []).append(i)
+    out = []
+    for _, idx in sorted(groups.items()):
+        for b0 in range(0, len(idx), batch_size):
+            bi = idx[b0:b0 + batch_size]
+            inputs = {k: torch.cat([enc[i][k] for i in bi]) for k in enc[0]}
+            out.append((inputs, [tokenizer.convert_tokens_to_ids(items[i][1].answer.split()[0]) for i in bi], bi))
+    return out
+
+
+def testbed_maps(model: interp.Model, tokenizer, meta: dict, items: Sequence, **kw) -> dict[str, torch.Tensor]:
+    """:func:`cam_maps` for every (scene, question) item, target = the gold first answer token; [N, L, 64]."""
+    res: dict[str, torch.Tensor] = {}
+    for inputs, tgt, idx in testbed_batches(tokenizer, meta, items):
+        for k, v in cam_maps(model, inputs, tgt, **kw).items():
+            if k not in res:
+                res[k] = torch.zeros((len(items),) + v.shape[1:], dtype=v.dtype)
+            res[k][idx] = v
+    return res
+
+
+def localisation(model: interp.Model, tokenizer, meta: dict, n_scenes: int = 70, *, seed: int = 0,
+                 methods: Sequence[str] = METHODS, occlusion: bool = True, n_boot: int = 1000, **kw) -> Finding:
+    """Pointing game and energy in box (95% bootstrap CIs) of every map and layer against the question's
+    object on ``n_scenes`` held-out testbed scenes, beside the random, all-objects and occlusion references
+    (rows with ``layer = -1``), plus the mean attention shares per layer, the cliff layer and the
+    truncation accuracies."""
+    from interp.testbed.localize import (all_objects_maps, localisation_items, localisation_table, occlusion_maps,
+                                         random_maps, target_masks)
+    items = localisation_items(n_scenes, seed=seed)
+    masks = target_masks(items)
+    r = testbed_maps(model, tokenizer, meta, items, **kw)
+    refs = {"random": random_maps(len(items), seed), "all_objects": all_objects_maps(items)}
+    if occlusion:
+        refs["occlusion"] = occlusion_maps(model.hf, tokenizer, meta, items)
+    rows = []
+    for name, mp in refs.items():
+        rows.append(localisation_table({name: mp}, masks, n_boot=n_boot, seed=seed).assign(layer=-1))
+    for meth in methods:
+        for l in range(r[meth].shape[1]):
+            rows.append(localisation_table({meth: r[meth][:, l]}, masks, n_boot=n_boot, seed=seed).assign(layer=l))
+    table = pd.concat(rows, ignore_index=True)
+    share = {k: r[f"share_{k}"].mean(0) for k in ("image", "bos", "text")}
+    batches = testbed_batches(tokenizer, meta, items)
+    acc = truncation_accuracy(model, [b[0] for b in batches], [b[1] for b in batches])
+    cliff = cliff_layer(share["image"])
+    ranked = table[table.layer >= 0].sort_values("pointing", ascending=False)
+    best = ranked.iloc[0]
+    metrics = {"n_items": len(items), "n_scenes": n_scenes, "cliff_layer": cliff,
+               "attn_share_image": share["image"].tolist(), "attn_share_bos": share["bos"].tolist(),
+               "attn_share_text": share["text"].tolist(), "truncation_acc": {int(k): v for k, v in acc.items()},
+               "best": f"{best.method}@{int(best.layer)}", "best_pointing": float(best.pointing)}
+    params = {"n_scenes": n_scenes, "seed": seed, "methods": list(methods), "n_boot": n_boot, **kw}
+    return Finding("attribution.localisation", table, params, model.identity(),
+                   digest([[s.seed, q.text] for s, q in items]), metrics,
+                   {"share": torch.stack([share[k] for k in ("image", "bos", "text")])})
