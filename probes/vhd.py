@@ -21,15 +21,19 @@ import interp
 from interp.finding import Finding, digest
 
 
-def _z_last(model, ids, am, extra) -> torch.Tensor:
-    """Per-head output at the last position, every layer: [L, H, d]."""
+def _z_last(model, ids, am, extra, position: int = -1) -> torch.Tensor:
+    """Per-head output at ``position`` (default the last), every layer: [L, H, d]."""
     tr = interp.capture(model, {"input_ids": ids, "attention_mask": am, **extra}, sites="blocks.*.attn.z")
-    return tr.stack("attn.z")[:, 0, -1]
+    return tr.stack("attn.z")[:, 0, position]
 
 
 def vhd(model: interp.Model, inputs: dict, *, n_tokens: int = 1, k: int = 8, prune: bool = True,
-        answer_ids: list[int] | None = None) -> Finding:
-    """VHD per (step, layer, head) for one image prompt (``inputs``: input_ids [1, T] with image tokens, pixel_values)."""
+        answer_ids: list[int] | None = None, position: int = -1) -> Finding:
+    """VHD per (step, layer, head) for one image prompt (``inputs``: input_ids [1, T] with image tokens, pixel_values).
+
+    ``position`` (counted from the end, with the answer prefix appended) is the query compared; for a
+    masked-diffusion model give the prompt with its masked answer region and ``position=-gen_len`` (the first
+    masked answer position) with ``answer_ids=[y]`` (one step, no prefix)."""
     ad = model.adapter
     ids = torch.as_tensor(inputs["input_ids"])
     if ids.shape[0] != 1:
@@ -50,8 +54,8 @@ def vhd(model: interp.Model, inputs: dict, *, n_tokens: int = 1, k: int = 8, pru
     for t in range(len(answer_ids)):
         prefix = torch.tensor([answer_ids[:t]], dtype=torch.long)
         a, b = torch.cat([ids, prefix], 1), torch.cat([text_ids, prefix], 1)
-        za = _z_last(model, a, torch.ones_like(a), extra)
-        zb = _z_last(model, b, torch.ones_like(b), {})
+        za = _z_last(model, a, torch.ones_like(a), extra, position)
+        zb = _z_last(model, b, torch.ones_like(b), {}, position)
         v = (za - zb).norm(dim=-1)  # [L, H]
         ta = zb.norm(dim=-1)
         if prune:
@@ -78,18 +82,20 @@ def vhd(model: interp.Model, inputs: dict, *, n_tokens: int = 1, k: int = 8, pru
                "layers_sparse_gt3": int((sparsity > 3).sum()), "answer_ids": list(answer_ids)}
     if model.tokenizer is not None:
         metrics["answer"] = model.tokenizer.decode(answer_ids)
-    return Finding("probes.vhd", table, {"k": k, "prune": prune}, model.identity(), digest(ids), metrics,
+    return Finding("probes.vhd", table, {"k": k, "prune": prune, "position": position}, model.identity(), digest(ids), metrics,
                    {"vhd": V, "ta": TA, "selected": selected})
 
 
-def to_spec(finding: Finding, model: interp.Model, *, alpha: float = 2.0, last_n: int | None = None) -> interp.Spec:
-    """VHR: scale the selected heads (VHD above the layer median) by α in the last N layers (default: last half)."""
+def to_spec(finding: Finding, model: interp.Model, *, alpha: float = 2.0, last_n: int | None = None,
+            queries: str | None = None) -> interp.Spec:
+    """VHR: scale the selected heads (VHD above the layer median) by α in the last N layers (default: last half),
+    at the answer queries (``last``; the masked answer region ``role:answer`` for a diffusion model)."""
     L = model.n_layers
     last_n = max(1, L // 2) if last_n is None else last_n
     t = finding.table[finding.table.selected & (finding.table.layer >= L - last_n)]
     if t.empty:
         raise interp.InterpError("no heads selected in the chosen layers")
-    edits = [{"op": "attn.head_scale", "layers": [int(l)], "heads": sorted(map(int, g["head"])), "queries": "last",
+    edits = [{"op": "attn.head_scale", "layers": [int(l)], "heads": sorted(map(int, g["head"])), "queries": queries or ("last" if model.adapter.causal else "role:answer"),
               "factor": alpha} for l, g in t.groupby("layer")]
     return interp.Spec.for_model(model, edits, analysis="probes.vhd", prompts=finding.prompts,
                                  params={"alpha": alpha, "last_n": last_n})

@@ -11,6 +11,7 @@ Every fact and word list is written out below. Tasks (see interp/tasks.py for th
   sentiment   choice      "Review: ...\\nSentiment:" -> [" positive", " negative"] (explicit, negated, implicit)
   agreement   choice      "The keys near the cabinet" -> [" is", " are"] (attractors, relative clauses)
   text        perplexity  short plain English sentences from templates
+  testbed_vqa vqa         questions about held-out synthetic scenes (scene seed, question, answer) for the testbed VLMs
 """
 from __future__ import annotations
 
@@ -347,8 +348,17 @@ def make_text(rng: random.Random, n: int = 300) -> list[dict]:
     return items
 
 
+def make_testbed_vqa(rng: random.Random, n_scenes: int = 60) -> list[dict]:
+    """Questions about held-out testbed scenes (make_dataset(60, seed=3, split="test"): disjoint from training
+    and from the scenes the vision probes are calibrated on), one per question type; the scene is rebuilt
+    from ``scene_seed`` when scored (kind ``vqa``, for the llava_ar / llada_diffusion testbeds)."""
+    sys.path.insert(0, str(OUT.parent.parent.parent))
+    from interp.testbed.items import vqa_items
+    return vqa_items(n_scenes, seed=3, split="test")
+
+
 MAKERS = {"capitals": make_capitals, "arithmetic": make_arithmetic, "sentiment": make_sentiment,
-          "agreement": make_agreement, "text": make_text}
+          "agreement": make_agreement, "text": make_text, "testbed_vqa": make_testbed_vqa}
 
 
 def render(name: str) -> str:
