@@ -23,7 +23,9 @@ A = softmax(z), O = per-head output before the output projection, h = residual s
   (P1 on the logits, eager). Counts and masses use visible keys only; generated tokens belong to S.
 * ``attn.smi``            Step-Saliency SMI: O'^{h}[t] = O^{h}[t] + s · mean_{j∈source} V^{h}[j] (P5 on z).
 
-A row whose every visible key would be blocked keeps its original distribution (blocking is a
+Edits at their identity parameters (factor 1 for ``attn.scale_weights`` and ``attn.head_scale``, α = 0 for
+``attn.amplify``) are skipped, so a neutral spec leaves the logits bit-identical whichever attention path
+(SDPA or eager) the engine takes. A row whose every visible key would be blocked keeps its original distribution (blocking is a
 finite −1e9 bias, so such a row cannot become NaN).
 """
 from __future__ import annotations
@@ -57,6 +59,14 @@ def _kind(e: dict) -> str:
     return "resid"
 
 
+def _neutral(e: dict) -> bool:
+    """Edits that are the identity at their parameters (METHODS §8 g1): ZeroTuning/ACT/VAR with γ = β = p = 1,
+    PAI with α = 0, VHR with α = 1."""
+    op = e["op"]
+    return (op in ("attn.scale_weights", "attn.head_scale") and float(e["factor"]) == 1.0) or \
+        (op == "attn.amplify" and float(e["alpha"]) == 0.0)
+
+
 class _SpecHook:
     """A compiled Spec: attention edits by layer, plus residual edits as forward hooks."""
 
@@ -66,6 +76,8 @@ class _SpecHook:
         n_layers, n_heads = model.n_layers, model.n_heads
         self.by_layer: dict[int, list[tuple[dict, str, int]]] = {}
         for e in spec.edits:
+            if _neutral(e):  # an identity edit is not run: the model computes exactly what it computed before
+                continue
             layers = list(range(n_layers)) if e["layers"] == "all" else e["layers"]
             for j, l in enumerate(layers):
                 self.by_layer.setdefault(l, []).append((e, _kind(e), j))
