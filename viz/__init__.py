@@ -32,6 +32,7 @@ REGISTRY: dict[str, tuple[Callable | None, Callable | None]] = {
     "probes.vhd": (_s.image_map, _i.image_map),
     "attribution.cam": (_s.image_map, _i.image_map),
     "attribution.diffusion_cam": (_s.image_map, _i.image_map),
+    "attribution.localisation": (_s.localisation, _i.localisation),
 }
 GENERIC = (_s.generic, _i.generic)
 

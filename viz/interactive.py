@@ -437,3 +437,36 @@ def image_map(finding, alpha: float = 0.55, gray_image: bool = True, **kw) -> go
     if curves:
         _layer_curves(fig, df, 1, 2)
     return _layout(fig, _h(title_of(finding)), 460)
+
+
+def localisation(finding, score: str = "pointing", **kw) -> go.Figure:
+    """The panels of :func:`viz.static.localisation`, with every score and interval in the hover text."""
+    df = table(finding)
+    if not has(df, "method", score, f"{score}_lo", f"{score}_hi"):
+        return generic(finding, **kw)
+    share = arr(finding, "share")
+    fig = make_subplots(1, 2 if share is not None else 1, horizontal_spacing=0.12,
+                        subplot_titles=[f"{score} vs the question's object"] + (["attention share"] if share is not None else []))
+    layered = has(df, "layer") and bool((df.layer >= 0).any())
+    hover = "%{fullData.name}<br>%{x}: %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]<extra></extra>"
+    if layered:
+        for i, (name, g) in enumerate(df[df.layer >= 0].groupby("method", sort=False)):
+            fig.add_trace(go.Scatter(x=g.layer.tolist(), y=g[score].tolist(), mode="lines+markers", name=_h(name),
+                                     line=dict(color=OKABE_ITO[i % len(OKABE_ITO)]),
+                                     customdata=g[[f"{score}_lo", f"{score}_hi"]].values.tolist(), hovertemplate=hover), 1, 1)
+        for _, r in df[df.layer < 0].iterrows():
+            fig.add_hline(y=float(r[score]), line=dict(color=GREY, dash="dash"), annotation_text=_h(r.method), row=1, col=1)
+        fig.update_xaxes(title_text="layer", row=1, col=1)
+    else:
+        fig.add_trace(go.Bar(x=[_h(m) for m in df.method], y=df[score].tolist(), name=score, marker_color=POS,
+                             error_y=dict(type="data", symmetric=False, array=(df[f"{score}_hi"] - df[score]).tolist(),
+                                          arrayminus=(df[score] - df[f"{score}_lo"]).tolist()),
+                             customdata=df[[f"{score}_lo", f"{score}_hi"]].values.tolist(), hovertemplate=hover), 1, 1)
+    fig.update_yaxes(title_text=f"{score} (95% CI)", range=[0, 1], row=1, col=1)
+    if share is not None:
+        for i, name in enumerate(("image", "bos", "text")[:share.shape[0]]):
+            fig.add_trace(go.Scatter(x=list(range(share.shape[1])), y=share[i].tolist(), mode="lines+markers",
+                                     name=f"share: {name}", line=dict(color=OKABE_ITO[i])), 1, 2)
+        fig.update_xaxes(title_text="layer", row=1, col=2)
+        fig.update_yaxes(title_text="last-token attention share", range=[0, 1], row=1, col=2)
+    return _layout(fig, _h(title_of(finding)), 460)

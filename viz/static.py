@@ -864,3 +864,52 @@ def image_map(finding, alpha: float = 0.55, gray_image: bool = True, **kw) -> Fi
         axes[1].set_title("Per layer")
     fig.suptitle(title_of(finding), x=0.01, ha="left")
     return fig
+
+
+@styled
+def localisation(finding, score: str = "pointing", **kw) -> Figure:
+    """Localisation scores (``score`` = pointing or energy, with 95% CIs): per-layer curves of each map with the
+    references (rows with ``layer = -1``) as dashed lines, or bars when the table has no layers; plus the
+    attention shares per layer (``arrays["share"]`` [3, L]: image, bos, text) when present."""
+    df = table(finding)
+    if not has(df, "method", score, f"{score}_lo", f"{score}_hi"):
+        return generic.__wrapped__(finding, **kw)
+    share = arr(finding, "share")
+    fig, axes = new_fig(2 if share is not None else 1, (10.0 if share is not None else 5.4, 3.8))
+    ax = axes[0]
+    layered = has(df, "layer") and (df.layer >= 0).any()
+    refs = df[df.layer < 0] if layered else df.iloc[0:0]
+    if layered:
+        for i, (name, g) in enumerate(df[df.layer >= 0].groupby("method", sort=False)):
+            c = OKABE_ITO[i % len(OKABE_ITO)]
+            ax.plot(g.layer, g[score], marker="o", color=c, label=name)
+            ax.fill_between(g.layer, g[f"{score}_lo"], g[f"{score}_hi"], color=c, alpha=0.15, lw=0)
+        for j, (_, r) in enumerate(refs.iterrows()):
+            ax.axhline(r[score], color=GREY, ls=("--", ":", "-.")[j % 3], lw=1.2, label=f"{r.method} (reference)")
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+    else:
+        x = np.arange(len(df))
+        ax.bar(x, df[score], color=[GREY if m in ("random", "all_objects", "occlusion") else POS for m in df.method])
+        ax.errorbar(x, df[score], yerr=[df[score] - df[f"{score}_lo"], df[f"{score}_hi"] - df[score]], fmt="none",
+                    ecolor="#333333", capsize=3, lw=1)
+        set_ticks(ax, "x", list(x), [str(m) for m in df.method], rotate=30)
+    ax.set_ylabel(f"{score} (95% CI)")
+    ax.set_ylim(0, 1)
+    if layered:
+        ax.legend(fontsize=7.5, ncol=2)
+    ax.set_title(f"{score} vs the question's object (n={int(df.n.iloc[0]) if has(df, 'n') else '?'})")
+    if share is not None:
+        for i, name in enumerate(("image", "bos", "text")[:share.shape[0]]):
+            axes[1].plot(np.arange(share.shape[1]), share[i], marker="o", color=OKABE_ITO[i], label=name)
+        cliff = (finding.metrics or {}).get("cliff_layer")
+        if cliff is not None:
+            axes[1].axvline(cliff, color=NEG, ls="--", lw=1.2, label=f"cliff layer {cliff}")
+        axes[1].set_xlabel("layer")
+        axes[1].set_ylabel("last-token attention share")
+        axes[1].set_ylim(0, 1)
+        axes[1].legend()
+        axes[1].xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+        axes[1].set_title("Attention share per layer" + ("" if cliff is not None else " (no cliff)"))
+    fig.suptitle(title_of(finding), x=0.01, ha="left")
+    return fig
