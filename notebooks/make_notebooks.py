@@ -62,6 +62,21 @@ write("03_attribution.ipynb", [
            "expressions in S kept); exact enumeration for a handful of players, efficiency checked."),
     ("code", "text = 'Q: 2 + 3 = 5. Q: 4 + 4 = 8. Q: 6 + 1 = 7. Q: 3 + 5 ='\n"
              "sh = shapley(model, text, ' 8', players='expressions')\nprint(sh.summary())\nsh.plot()"),
+    ("md", "## 4. LLaVA-CAM on the vision-language testbed\nGrad-CAM on the image-token hidden states of every "
+           "layer (α_c = mean_u ∂y/∂F_{u,c}, CAM = Σ_c α_c F_c), here the `attn_x_grad` map (last-token attention × "
+           "|gradient × activation|, the variant that beats the question-blind all-objects map in "
+           "`attribution/RESULTS.md`), with the attention share of the image per layer and the cliff layer."),
+    ("code", "from attribution.cam import cam\nfrom interp.testbed import build_inputs, load_testbed, make_dataset\n"
+             "hf, tok, meta = load_testbed('llava_ar')\nvlm = interp.load(hf, tokenizer=tok, name='testbed-llava-ar')\n"
+             "scene = make_dataset(1, seed=5, split='test')[0]\nq = scene.question('colour')\n"
+             "c = cam(vlm, build_inputs(tok, meta, scene, q), method='attn_x_grad', image=scene.image)\n"
+             "print(q.text, '->', c.metrics['target'])\nprint(c.summary())\nc.plot()"),
+    ("md", "## 5. Diffusion-CAM on the masked-diffusion testbed\nDecode, then a contrastive Grad-CAM at a recorded "
+           "denoising step, refined by AKD, DACG, CBA and SICD (each can be switched off)."),
+    ("code", "from attribution.diffusion_cam import diffusion_cam\n"
+             "hf2, tok2, meta2 = load_testbed('llada_diffusion')\ndlm = interp.load(hf2, tokenizer=tok2, name='testbed-llada')\n"
+             "d = diffusion_cam(dlm, build_inputs(tok2, meta2, scene, q), gen_len=meta2['gen_len'], image=scene.image)\n"
+             "print(d.summary())\nd.plot()"),
 ])
 
 if __name__ == "__main__":
