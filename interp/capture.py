@@ -198,6 +198,8 @@ class TopK(Reducer):
 
 # --------------------------------------------------------------------------------------- the hook
 class _CaptureHook:
+    read_only = True  # never edits what it sees: the engine may keep the SDPA output (see engine.py)
+
     def __init__(self, sites: list[str], reducers: list[Reducer], grad: bool):
         self.by_layer: dict[int, set[str]] = {}
         for n in sites:

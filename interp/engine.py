@@ -7,8 +7,11 @@ layer:
 
 * nothing, or only an additive logit bias / head-output edits  -> ``scaled_dot_product_attention``
   (the bias rides in the float mask), so an idle engine costs nothing;
-* logits or weights (capture of patterns, reducers, weight edits) -> an exact eager computation,
-  in query chunks when the [b, h, q, k] block would be large, so memory stays linear in length.
+* logits or weights, read only (capture of patterns, reducers; no autograd) -> the output still
+  comes from SDPA, so a capture never changes what the model computes, and the weights the hooks
+  read come from the eager formula, in query chunks when the [b, h, q, k] block would be large;
+* logits or weights edited (weight edits), or gradients through the pattern -> the eager formula
+  gives the output too, in the same chunks, so memory stays linear in length.
 
 Hooks never see the model: they receive tensors and an :class:`AttnCall` describing the call.
 Leaving any context (normally or by exception) removes its hooks, so the model computes exactly
@@ -48,7 +51,11 @@ class AttnCall:
 
 
 class AttentionHook(Protocol):
-    """What capture reducers and patch ops implement. Each ``on_*`` returns a replacement or None."""
+    """What capture reducers and patch ops implement. Each ``on_*`` returns a replacement or None.
+    A hook with ``read_only = True`` promises never to return a replacement from ``on_logits`` or
+    ``on_weights``."""
+
+    read_only: bool
 
     def needs(self, layer: int) -> set[str]:
         """Subset of {"bias", "logits", "weights", "z"} this hook touches at ``layer``."""
@@ -126,63 +133,79 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
         return AttnCall(layer, q_offset + q0, q1 - q0, k_len, h, mask, qv)
 
     hooks = engine.hooks if engine is not None else []
-    if not needs & {"logits", "weights"} and softcap is None:
+
+    def sdpa():
+        """SDPA with the hooks' logit biases in the float mask, then the hooks' head-output edits."""
         mask = attention_mask
         if "bias" in needs:
-            call = call_for(0, q_len)
-            bias = _sum_bias(hooks, layer, call, query, key)
+            bias = _sum_bias(hooks, layer, call_for(0, q_len), query, key)
             if bias is not None:
                 if mask is None:
                     mask = _default_mask(causal, q_len, k_len, q_offset, query)
                 mask = mask + bias
+        kw = {k: v for k, v in kwargs.items() if k != "output_attentions"}
         if engine is not None and not causal:
-            kwargs["is_causal"] = False
-        out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+            kw["is_causal"] = False
+        out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kw)
         if "z" in needs:
             out = _apply_z(hooks, layer, out, call_for(0, q_len), repeat_kv(value, h // value.shape[1]), None)
-        return out, None
+        return out
 
-    key = repeat_kv(key, h // key.shape[1])
-    value = repeat_kv(value, h // value.shape[1])
-    chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k_len))
-    outs, all_weights = [], []
+    def eager(with_output: bool):
+        """The eager formula in query chunks (memory linear in length), calling the hooks on logits,
+        weights and, ``with_output``, head outputs. Returns (output or None, weights if asked for)."""
+        k, v = repeat_kv(key, h // key.shape[1]), repeat_kv(value, h // value.shape[1])
+        chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k_len))
+        outs, all_weights = [], []
+        for q0 in range(0, q_len, chunk):
+            q1 = min(q_len, q0 + chunk)
+            call = call_for(q0, q1)
+            logits = torch.matmul(query[:, :, q0:q1], k.transpose(2, 3)) * scaling
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+            if call.mask is not None:
+                logits = logits + call.mask
+            elif causal and q_len > 1:
+                logits = logits + _default_mask(causal, q_len, k_len, q_offset, query)[:, :, q0:q1]
+            if "bias" in needs:
+                bias = _sum_bias(hooks, layer, call, query[:, :, q0:q1], k)
+                if bias is not None:
+                    logits = logits + bias
+            for hk in hooks:
+                if "logits" in hk.needs(layer):
+                    new = hk.on_logits(layer, logits, call)
+                    if new is not None:
+                        logits = new
+            weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+            for hk in hooks:
+                if "weights" in hk.needs(layer):
+                    new = hk.on_weights(layer, weights, call)
+                    if new is not None:
+                        weights = new
+            if keep_weights:
+                all_weights.append(weights)
+            if not with_output:
+                continue
+            if dropout and module.training:
+                weights = nn.functional.dropout(weights, p=dropout)
+            out = torch.matmul(weights, v).transpose(1, 2)
+            if "z" in needs:
+                out = _apply_z(hooks, layer, out, call, v, weights)
+            outs.append(out)
+        weights = (all_weights[0] if len(all_weights) == 1 else torch.cat(all_weights, dim=2)) if keep_weights else None
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).contiguous() if with_output else None
+        return out, weights
+
     keep_weights = kwargs.get("output_attentions", False)
-    for q0 in range(0, q_len, chunk):
-        q1 = min(q_len, q0 + chunk)
-        call = call_for(q0, q1)
-        logits = torch.matmul(query[:, :, q0:q1], key.transpose(2, 3)) * scaling
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        if call.mask is not None:
-            logits = logits + call.mask
-        elif causal and q_len > 1:
-            logits = logits + _default_mask(causal, q_len, k_len, q_offset, query)[:, :, q0:q1]
-        if "bias" in needs:
-            bias = _sum_bias(hooks, layer, call, query[:, :, q0:q1], key)
-            if bias is not None:
-                logits = logits + bias
-        for hk in hooks:
-            if "logits" in hk.needs(layer):
-                new = hk.on_logits(layer, logits, call)
-                if new is not None:
-                    logits = new
-        weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-        for hk in hooks:
-            if "weights" in hk.needs(layer):
-                new = hk.on_weights(layer, weights, call)
-                if new is not None:
-                    weights = new
-        if dropout and module.training:
-            weights = nn.functional.dropout(weights, p=dropout)
-        out = torch.matmul(weights, value).transpose(1, 2)
-        if "z" in needs:
-            out = _apply_z(hooks, layer, out, call, value, weights)
-        outs.append(out)
-        if keep_weights:
-            all_weights.append(weights)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    weights = (all_weights[0] if len(all_weights) == 1 else torch.cat(all_weights, dim=2)) if keep_weights else None
-    return out.contiguous(), weights
+    if not needs & {"logits", "weights"} and softcap is None:
+        return sdpa(), None
+    if softcap is None and not torch.is_grad_enabled() and all(
+            getattr(hk, "read_only", False) for hk in hooks if hk.needs(layer) & {"logits", "weights"}):
+        # The hooks only read logits/weights: the output comes from the same SDPA call as an idle engine
+        # (so a capture never changes what the model computes); the weights, for the hooks, from the
+        # eager formula. Under autograd the eager output is used, so gradients reach the weights.
+        return sdpa(), eager(with_output=False)[1]
+    return eager(with_output=True)
 
 
 def _default_mask(causal: bool, q_len, k_len, q_offset, query) -> torch.Tensor:

@@ -44,3 +44,16 @@ def tiny(request):
 def random_ids(n: int = 12, b: int = 1, vocab: int = 128, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (b, n), generator=g)
+
+
+class ForceEager:
+    """Test-only engine hook that edits nothing but does not promise to be read-only, so attention runs
+    the eager formula for the output too (``with model.engine.using(ForceEager()): ...``)."""
+
+    read_only = False
+
+    def needs(self, layer):
+        return {"weights"}
+
+    def on_weights(self, layer, weights, call):
+        return None

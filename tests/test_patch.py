@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import interp
 from interp import InterpError, Spec
-from tests.conftest import random_ids, tiny_hf
+from tests.conftest import ForceEager, random_ids, tiny_hf
 
 
 @pytest.fixture(scope="module")
@@ -209,16 +209,24 @@ def test_neutral_parameters_are_noops_on_smollm2(smol, edit):
         assert (smol.logits(b) - base).abs().max() <= 1e-6
 
 
-def test_neutral_weight_edits_equal_the_eager_baseline(smol):
-    """Weight edits need eager attention: at factor 1 they equal HF eager exactly."""
+def test_weight_edits_at_neutral_parameters_equal_the_eager_baseline(smol, monkeypatch):
+    """Identity edits are skipped, so the SDPA path stays bit-exact; run anyway on the eager path, the ops'
+    formulas at their neutral parameters equal the eager computation without them."""
+    import sys
+    monkeypatch.setattr(sys.modules["interp.patch"], "_neutral", lambda e: False)
     b = smol.encode("The capital of France is")
+    with smol.engine.using(ForceEager()):
+        want = smol.logits(b)
     eager = copy.deepcopy(smol.hf)
     eager.set_attn_implementation("eager")
     with torch.no_grad():
-        want = eager(**b.model_inputs()).logits
-    for e in [{"op": "attn.scale_weights", "layers": "all", "keys": "all", "factor": 1.0, "renormalize": False}]:
-        with interp.patch(smol, spec(smol, e)):
-            assert (smol.logits(b) - want).abs().max() <= 1e-6
+        assert (eager(**b.model_inputs()).logits - want).abs().max() <= 1e-6 * want.abs().max()
+    for e in [{"op": "attn.scale_weights", "layers": "all", "keys": "all", "factor": 1.0, "renormalize": False},
+              {"op": "attn.scale_weights", "layers": "all", "keys": "role:bos", "factor": 1.0, "renormalize": True},
+              {"op": "attn.amplify", "layers": "all", "keys": "all", "alpha": 0.0},
+              {"op": "attn.head_scale", "layers": "all", "factor": 1.0}]:
+        with interp.patch(smol, spec(smol, e)), smol.engine.using(ForceEager()):
+            assert (smol.logits(b) - want).abs().max() <= 1e-6, e["op"]
 
 
 def test_json_roundtrip_deterministic_replay_and_sidecar(tmp_path, llama):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import interp
+from tests.conftest import ForceEager
 from attribution.step_saliency import EXAMPLES, encode_steps, split_summary, split_thinking, step_saliency
 
 
@@ -98,7 +99,8 @@ def test_oeb_puts_tau_b_on_the_bridge_and_keeps_other_mass(smol, short):
 
 def test_neutral_oeb_and_smi_are_exact_noops(smol, short):
     batch = short
-    eager = interp.capture(smol, batch, sites=["blocks.*.attn.pattern", "logits"])["logits"]  # the eager path
+    with smol.engine.using(ForceEager()):  # the eager path, which OEB runs on
+        eager = interp.capture(smol, batch, sites="logits")["logits"]
     sdpa = interp.capture(smol, batch, sites="logits")["logits"]
     oeb = spec(smol, {"op": "attn.oeb", "layers": "all", "queries": "all", "segment": "role:summary",
                       "bridge": "role:think", "tau_max": 0.0})
