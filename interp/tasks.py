@@ -19,6 +19,10 @@ its ``kind``:
     scores = score_items(load_task("capitals"), model)
     mean, lo, hi = bootstrap_ci(scores)
 
+Any item may carry ``"roles": {name: substring of the prompt}``: the tokens of every occurrence become that
+role while the item runs, so a spec that addresses ``role:NAME`` (e.g. a knockout from ``role:subject``)
+can be evaluated on the task (the shipped capitals items name their ``subject``).
+
 Scoring only needs ``logits_fn(list of token-id lists) -> list of [T, V] logits tensors``, so any model
 (hooked, patched, ablated) can be scored; the default runs ``model.hf`` in right-padded batches.
 Run ``python scripts/make_tasks.py --score`` (or ``python -m interp.tasks [name ...]``) to print SmolLM2's
@@ -48,7 +52,7 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "vqa": {"scene_seed": (int,), "question": (str,), "answer": (str,)},
 }
 
-LogitsFn = Callable[[list[list[int]]], Sequence[torch.Tensor]]
+LogitsFn = Callable[..., Sequence[torch.Tensor]]  # fn(seqs) or fn(seqs, roles) -> one [T, V] tensor per seq
 
 
 @dataclass
@@ -161,7 +165,7 @@ def default_logits_fn(model, batch_size: int = 32) -> LogitsFn:
     pad = getattr(tok, "pad_token_id", None)
     pad = 0 if pad is None else pad
 
-    def fn(seqs: list[list[int]]) -> list[torch.Tensor]:
+    def fn(seqs: list[list[int]], roles: list[dict] | None = None) -> list[torch.Tensor]:
         device = next(hf.parameters()).device
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out: list[torch.Tensor | None] = [None] * len(seqs)
@@ -177,8 +181,9 @@ def default_logits_fn(model, batch_size: int = 32) -> LogitsFn:
                 running = contextlib.nullcontext()
                 if hasattr(model, "engine"):
                     from .roles import Batch, Roles
-                    running = model.engine.running(Batch(ids, mask, [Roles({"bos": [0]}, length=len(seqs[i]))
-                                                                     for i in idx], [[] for _ in idx]))
+                    running = model.engine.running(Batch(ids, mask, [
+                        Roles({"bos": [0], **(roles[i] if roles else {})}, length=len(seqs[i])) for i in idx],
+                        [[] for _ in idx]))
                 with running:
                     logits = hf(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
                 for r, i in enumerate(idx):
@@ -197,6 +202,27 @@ def _tokenizer(model):
 
 def _ids(tok, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=True)["input_ids"])
+
+
+def _item_roles(tok, items: list[dict]) -> list[dict] | None:
+    """Token positions of each item's ``roles`` substrings (all occurrences), or None if no item has roles."""
+    if not any("roles" in it for it in items):
+        return None
+    from .roles import _char_span_tokens
+    out = []
+    for k, it in enumerate(items):
+        enc = tok(it["prompt"], return_offsets_mapping=True, add_special_tokens=True)
+        r = {}
+        for name, sub in it.get("roles", {}).items():
+            hits, start = [], 0
+            while (a := it["prompt"].find(sub, start)) >= 0:
+                hits += _char_span_tokens(enc["offset_mapping"], a, a + len(sub))
+                start = a + len(sub)
+            if not hits:
+                raise InterpError(f"item {k}: role {name!r} = {sub!r} does not occur in its prompt {it['prompt'][:60]!r}")
+            r[name] = sorted(set(hits))
+        out.append(r)
+    return out
 
 
 def _split(tok, prompt: str, continuation: str) -> tuple[list[int], int]:
@@ -237,10 +263,12 @@ def score_items(task: Task | str | Path, model, logits_fn: LogitsFn | None = Non
         def correct(i: int, lg: torch.Tensor) -> float:
             (full, st), end = split[i], ends[i]
             return float(lg[st - 1:end - 1].argmax(-1).tolist() == full[st:end])
-        return _map_logits(fn, [full[:end - 1] for (full, _), end in zip(split, ends)], correct)
+        return _map_logits(fn, [full[:end - 1] for (full, _), end in zip(split, ends)], correct,
+                           roles=_item_roles(tok, task.items))
 
     if task.kind == "choice":
         seqs, starts, owner = [], [], []
+        item_roles = _item_roles(tok, task.items)
         for k, it in enumerate(task.items):
             for c in it["choices"]:
                 full, st = _split(tok, it["prompt"], c)
@@ -252,7 +280,8 @@ def score_items(task: Task | str | Path, model, logits_fn: LogitsFn | None = Non
             return lp.gather(-1, torch.tensor(full[st:], dtype=torch.long)[:, None]).sum().item()
         # the last token is never an input, so single-token choices of one prompt share one forward pass
         lls: list[list[float]] = [[] for _ in task.items]
-        for k, ll in zip(owner, _map_logits(fn, [full[:-1] for full in seqs], loglik)):
+        roles = [item_roles[k] for k in owner] if item_roles else None
+        for k, ll in zip(owner, _map_logits(fn, [full[:-1] for full in seqs], loglik, roles=roles)):
             lls[k].append(ll)
         return [float(max(range(len(ll)), key=ll.__getitem__) == it["answer"]) for ll, it in zip(lls, task.items)]
 
@@ -275,12 +304,23 @@ def score_items(task: Task | str | Path, model, logits_fn: LogitsFn | None = Non
     raise InterpError(f"task {task.name!r} has unknown kind {task.kind!r}")
 
 
+def _takes_roles(fn: LogitsFn) -> bool:
+    """Whether ``fn`` accepts a second argument (the roles of each sequence)."""
+    import inspect
+    try:
+        inspect.signature(fn).bind([], [])
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def _map_logits(fn: LogitsFn, seqs: list[list[int]], reduce: Callable[[int, torch.Tensor], float],
-                chunk: int = 64) -> list[float]:
+                chunk: int = 64, roles: list[dict] | None = None) -> list[float]:
     """``reduce(i, logits of seqs[i])`` for every i, calling ``fn`` once per distinct sequence.
 
     Distinct sequences go to ``fn`` in length order, ``chunk`` at a time, so only one chunk's logits are
-    held in memory at once.
+    held in memory at once. With ``roles`` (one dict per sequence) ``fn`` is called as ``fn(seqs, roles)`` if it
+    takes a second argument (a logits function that ignores roles cannot resolve role selectors anyway).
     """
     uniq: dict[tuple[int, ...], list[int]] = {}
     for i, s in enumerate(seqs):
@@ -289,7 +329,9 @@ def _map_logits(fn: LogitsFn, seqs: list[list[int]], reduce: Callable[[int, torc
     out: list[float] = [0.0] * len(seqs)
     for c in range(0, len(keys), chunk):
         part = keys[c:c + chunk]
-        logits = list(fn([list(k) for k in part]))
+        seqs_part = [list(k) for k in part]
+        logits = list(fn(seqs_part, [roles[uniq[k][0]] for k in part]) if roles is not None and _takes_roles(fn)
+                      else fn(seqs_part))
         if len(logits) != len(part):
             raise InterpError(f"logits_fn returned {len(logits)} logits tensors for {len(part)} sequences")
         for k, lg in zip(part, logits):

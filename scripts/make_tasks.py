@@ -117,13 +117,13 @@ def make_capitals(rng: random.Random) -> list[dict]:
         if c in CAPITALS_SHOT_SUBJECTS:
             continue
         items.append({"prompt": f"{CAPITALS_SHOTS}The capital of {c} is", "answer": f" {cap}",
-                      "group": "country", "subject": c})
+                      "group": "country", "subject": c, "roles": {"subject": c}})
     for s, cap in US_STATES:
         items.append({"prompt": f"{CAPITALS_SHOTS}The capital of the US state of {s} is", "answer": f" {cap}",
-                      "group": "us_state", "subject": s})
+                      "group": "us_state", "subject": s, "roles": {"subject": s}})
     for p, cap in PROVINCES:
         items.append({"prompt": f"{CAPITALS_SHOTS}The capital of {p} is", "answer": f" {cap}",
-                      "group": "province", "subject": p})
+                      "group": "province", "subject": p, "roles": {"subject": p}})
     rng.shuffle(items)
     return [{"kind": "next_token", **it} for it in items]
 

@@ -1,6 +1,7 @@
 """Bundled evaluation tasks: files load and match their generator, schema errors are clear, scoring is
 model-agnostic and batch-exact, and SmolLM2 scores above chance on capitals and sentiment."""
 import importlib.util
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -9,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import interp
 from interp import InterpError
 from interp.tasks import (TASK_DIR, Task, bootstrap_ci, default_logits_fn, list_tasks, load_task, score_items)
 
@@ -182,3 +184,26 @@ def test_real_sentences_beat_shuffled_words(smol):
     nll = score_items(Task("mix", "perplexity", items), smol)
     real, shuf = sum(nll[:8]) / 8, sum(nll[8:]) / 8
     assert 1.0 < real < shuf, (real, shuf)
+
+
+def test_item_roles_let_a_role_spec_be_evaluated(smol):
+    """Capitals items name their subject, so a knockout from role:subject (what `interp scan` exports) runs under
+    interp.evaluate; each item's result equals the same spec applied by hand to that prompt with its roles."""
+    task = load_task("capitals").subset(6)
+    s = interp.Spec.for_model(smol, [{"op": "attn.knockout", "layers": list(range(10, 20)), "queries": "last",
+                                      "keys": "role:subject"}])
+    f = interp.evaluate(smol, s, task)
+    tok = smol.tokenizer
+    for i, it in enumerate(task.items):
+        b = smol.encode(it["prompt"], roles=it["roles"])
+        assert [tok.decode(b.input_ids[0, p]) for p in b.roles[0]["subject"]]  # the subject's tokens
+        answer = tok(it["prompt"] + it["answer"])["input_ids"][b.input_ids.shape[1]]
+        for col, ctx in (("without", contextlib.nullcontext()), ("with", interp.patch(smol, s))):
+            with ctx, smol.engine.running(b):
+                hit = float(smol.logits(b)[0, -1].argmax().item() == answer)
+            assert f.table[col][i] == hit, (i, col)
+    assert f.metrics["changed_items"] >= 1
+    bad = load_task("capitals").subset(1)
+    bad.items[0] = {**bad.items[0], "roles": {"subject": "Atlantis"}}
+    with pytest.raises(InterpError, match="Atlantis"):
+        interp.evaluate(smol, s, bad)
