@@ -113,3 +113,8 @@ def test_smollm2_probe_and_steering_spec(smol):
     # JSON round trip keeps the vector
     again = interp.Spec.from_json(spec.to_json(), spec.tensors)
     assert again.edits == spec.edits
+    # interp evaluate reports its effect on a shipped task: steering every token moves perplexity
+    res = interp.evaluate(smol, spec, "text", limit=12)
+    assert res.metrics["n"] == 12 and res.metrics["changed_items"] == 12
+    lo, hi = res.metrics["delta_ci"]
+    assert lo <= res.metrics["delta"] <= hi and res.metrics["ppl_with"] != res.metrics["ppl_without"]

@@ -101,6 +101,9 @@ def test_knockout_lowers_answer_and_empty_is_noop(smol):
         p = torch.softmax(smol.logits(b)[0, -1], -1)
     p0 = torch.softmax(smol.logits(b)[0, -1], -1)
     assert p[p0.argmax()] < p0.max()
+    # the exported spec is evaluable on the shipped capitals task (its items name their subject)
+    res = interp.evaluate(smol, spec, "capitals", limit=24)
+    assert res.metrics["with"] < res.metrics["without"] and res.metrics["delta_ci"][1] < 0
 
 
 def test_secondary_sinks_runs(smol):
