@@ -122,6 +122,8 @@ FAMILIES: dict[str, tuple[str, Callable[[nn.Module, str], Adapter]]] = {
     "llava": ("llava", _llava),
     "llava_next": ("llava", _llava),
     "llava_onevision": ("llava", _llava),
+    "qwen2_vl": ("qwen2_vl", _llava),
+    "qwen2_5_vl": ("qwen2_vl", _llava),
 }
 
 

@@ -247,3 +247,58 @@ def test_tiny_llava_capture_matches_hf(causal):
         assert (m.hf(**inp).logits - ref.logits).abs().max() <= 1e-5
     A = tr["blocks.0.attn.pattern"][0, 0]
     assert (A[2, 3:] == 0).all() if causal else (A[2, 3:] > 0).all()
+
+
+def _tiny_vlm(kind: str):
+    """A tiny LLaVA-Next / LLaVA-OneVision / Qwen2-VL from configs, with inputs holding one image."""
+    import transformers as tf
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=128, max_position_embeddings=512)
+    if kind == "qwen2_vl":
+        cfg = tf.Qwen2VLConfig(text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
+                               vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=4,
+                                                  spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+                               image_token_id=99, video_token_id=98, vision_start_token_id=97, vision_end_token_id=96)
+        hf = tf.Qwen2VLForConditionalGeneration(cfg).eval()
+        n_img = 4  # a 4×4 patch grid merged 2×2
+        ids = torch.cat([torch.tensor([[1, 97]]), torch.full((1, n_img), 99), torch.tensor([[96]]),
+                         torch.randint(5, 90, (1, 6))], 1)
+        return hf, {"input_ids": ids, "pixel_values": torch.randn(16, 3 * 2 * 4 * 4),
+                    "image_grid_thw": torch.tensor([[1, 4, 4]]), "mm_token_type_ids": (ids == 99).long()}, n_img
+    if kind == "llava_next":
+        vc = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=16, patch_size=4, projection_dim=32)
+        hf = tf.LlavaNextForConditionalGeneration(tf.LlavaNextConfig(
+            vision_config=vc, text_config=tf.LlamaConfig(**text), image_token_id=99, vision_feature_layer=-1,
+            image_grid_pinpoints=[[16, 16], [16, 32]])).eval()
+        px = torch.randn(1, 2, 3, 16, 16)  # the base view and one anyres tile
+    else:
+        vc = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=16, patch_size=4)
+        hf = tf.LlavaOnevisionForConditionalGeneration(tf.LlavaOnevisionConfig(
+            vision_config=vc, text_config=tf.Qwen2Config(**text), image_token_id=99, vision_feature_layer=-1,
+            image_grid_pinpoints=[[16, 16]], vision_aspect_ratio="anyres_max_1")).eval()
+        px = torch.randn(1, 2, 3, 16, 16)
+    sizes = torch.tensor([[16, 16]])
+    with torch.no_grad():
+        feats = hf.model.get_image_features(pixel_values=px, image_sizes=sizes)
+    feats = getattr(feats, "pooler_output", feats)
+    n_img = sum(f.shape[0] for f in feats)
+    ids = torch.cat([torch.tensor([[1]]), torch.full((1, n_img), 99), torch.randint(5, 90, (1, 6))], 1)
+    return hf, {"input_ids": ids, "pixel_values": px, "image_sizes": sizes}, n_img
+
+
+@pytest.mark.parametrize("kind", ["llava_next", "llava_onevision", "qwen2_vl"])
+def test_tiny_vlm_families_capture_matches_hf(kind):
+    hf, inp, n_img = _tiny_vlm(kind)
+    m = interp.load(hf, name=f"tiny-{kind}")
+    with torch.no_grad():
+        ref = hf_eager(m)(**inp, output_attentions=True)
+        idle = m.hf(**inp).logits
+    tr = interp.capture(m, inp, sites=["blocks.*.attn.pattern", "logits"])
+    assert len(tr.roles[0]["image"]) == n_img == int((inp["input_ids"] == 99).sum())
+    for l in range(m.n_layers):
+        assert (tr[f"blocks.{l}.attn.pattern"] - ref.attentions[l]).abs().max() <= 1e-5
+    assert torch.equal(tr["logits"], idle)
+    assert (tr["logits"] - ref.logits).abs().max() <= 1e-5
