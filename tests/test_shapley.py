@@ -91,7 +91,7 @@ def test_cache_counts_distinct_coalitions():
     assert view.n_evals == 3 and len(calls) == 16
 
 
-@pytest.mark.parametrize("design", ["cyclic", "shared"])
+@pytest.mark.parametrize("design", ["spectral", "svarm", "cyclic", "shared"])
 def test_stratified_converges_to_exact(design):
     n = 9
     fn, _ = random_game(n, seed=1)
@@ -110,19 +110,94 @@ def test_stratified_converges_to_exact(design):
     np.testing.assert_allclose(stratified_shapley(game.view(), 1, exact_strata=True).phi, exact, atol=1e-9)
 
 
-@pytest.mark.parametrize("design", ["cyclic", "shared"])
+@pytest.mark.parametrize("design", ["svarm", "cyclic", "shared"])
 def test_stratified_is_unbiased_and_se_is_calibrated(design):
     n = 6
     fn, _ = random_game(n, seed=2)
     game = CallableGame(fn, n)
     exact = exact_shapley(game).phi
-    runs = [stratified_shapley(game.view(), 2, seed=s, design=design) for s in range(300)]
+    m = 4 if design == "svarm" else 2  # svarm: enough coalitions per size for a variance in every cell
+    runs = [stratified_shapley(game.view(), m, seed=s, design=design) for s in range(300)]
     assert runs[0].info["exact_strata"] == [0, 5] and runs[0].n_evals < 64
     mean = np.mean([r.phi for r in runs], axis=0)
     sd = np.std([r.phi for r in runs], axis=0)
     assert np.all(np.abs(mean - exact) <= 4 * sd / math.sqrt(len(runs)) + 1e-12)
     z2 = np.mean([((r.phi - exact) / r.se) ** 2 for r in runs])
     assert 0.3 < z2 < 3.0  # the reported standard error is about right
+
+
+def test_svarm_uses_every_coalition_for_every_player():
+    """Stratified SVARM: φ_i = (1/n) Σ_s [mean v(S ∋ i, |S| = s) − mean v(S ∌ i, |S| = s−1)]."""
+    n = 7
+    fn, vals = random_game(n, seed=4)
+    r = stratified_shapley(CallableGame(fn, n), 2, seed=1, design="svarm")
+    sizes = r.info["coalitions_per_size"]
+    assert sizes[:2] == [1, n] and sizes[-2:] == [n, 1] and all(0 < c < math.comb(n, s) for s, c in
+                                                                 enumerate(sizes) if 2 <= s <= n - 2)
+    assert r.n_evals == sum(sizes)
+    # the formula by hand from the coalitions it evaluated
+    game = CallableGame(fn, n)
+    r2 = stratified_shapley(game, 2, seed=1, design="svarm")
+    ev = list(game.cache)
+    phi = np.zeros(n)
+    for i in range(n):
+        for s in range(1, n + 1):
+            phi[i] += np.mean([vals[c] for c in ev if c >> i & 1 and bin(c).count("1") == s]) / n
+            phi[i] -= np.mean([vals[c] for c in ev if not c >> i & 1 and bin(c).count("1") == s - 1]) / n
+    np.testing.assert_allclose(r2.phi, phi, atol=1e-12)
+    np.testing.assert_allclose(r.phi, r2.phi, atol=0)
+
+
+def test_spectral_exact_on_games_with_linear_odd_part_and_efficient():
+    """The spectral design fits the odd Walsh part of v: exact whenever it is linear (any game with
+    at most pairwise interactions), efficient (Σφ = v(N) − v(∅)) at any budget, and exact once
+    every coalition is evaluated."""
+    n = 9
+    rng = np.random.default_rng(5)
+    w, g = rng.normal(size=n), np.triu(rng.normal(size=(n, n)), 1)
+
+    def pairwise(cs):
+        return [sum(w[i] for i in c) + sum(g[i, j] for i in c for j in c) + 0.3 * len(c) ** 2 for c in cs]
+    ex = exact_shapley(pairwise, n=n)
+    for seed in range(3):
+        r = stratified_shapley(CallableGame(pairwise, n), 1, seed=seed)
+        assert r.info["design"] == "spectral" and r.n_evals < 1 << n
+        np.testing.assert_allclose(r.phi, ex.phi, atol=1e-7)
+    fn, vals = random_game(n, seed=6)
+    gap = vals[-1] - vals[0]
+    for m in (1, 4):
+        r = stratified_shapley(CallableGame(fn, n), m, seed=0)
+        assert abs(r.efficiency_residual) <= 1e-6 * abs(gap)
+    # a third-order game: the GP on orders ≥ 3 gets it to within its reported standard error
+    def cubic(cs):
+        return [sum(w[i] for i in c) + 2.0 * ({0, 1, 2} <= c) - 1.5 * ({3, 4, 8} <= c) for c in cs]
+    ex3 = exact_shapley(cubic, n=n).phi
+    runs = [stratified_shapley(CallableGame(cubic, n), 2, seed=s) for s in range(20)]
+    z2 = np.mean([((r.phi - ex3) / r.se) ** 2 for r in runs])
+    assert 0.1 < z2 < 4.0
+    assert np.mean([np.abs(r.phi - ex3).mean() for r in runs]) < 0.25 * np.abs(ex3).mean()
+
+
+def test_spectral_beats_the_pair_designs_on_a_structured_game():
+    """At about the same number of distinct coalitions, on a game with sparse low-order interactions."""
+    n = 10
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=n)
+    triples = [tuple(rng.choice(n, 3, replace=False)) for _ in range(8)]
+    coef = rng.normal(size=len(triples))
+
+    def v(cs):
+        return [sum(w[i] for i in c) + sum(a for t, a in zip(triples, coef) if set(t) <= c)
+                + 0.5 * math.sin(len(c)) for c in cs]
+    game = CallableGame(v, n)
+    ex = exact_shapley(game).phi
+    err, evals = {}, {}
+    for design, m in (("spectral", 2), ("cyclic", 2)):
+        rs = [stratified_shapley(game.view(), m, seed=s, design=design) for s in range(10)]
+        err[design] = np.mean([np.abs(r.phi - ex).mean() for r in rs])
+        evals[design] = np.mean([r.n_evals for r in rs])
+    assert evals["spectral"] <= 1.1 * evals["cyclic"]
+    assert err["spectral"] < 0.75 * err["cyclic"]
 
 
 def test_shapley_finding_on_a_callable_game():
