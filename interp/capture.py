@@ -125,10 +125,11 @@ class KeyMass(Reducer):
     """Σ_q A[q,k] (``key_mass``) and its mean over the real queries that can see k (``key_mean``)."""
 
     def update(self, layer, weights, call):
-        valid = self._valid(call, weights)
+        w = weights.detach()
+        row = self._valid(call, w).transpose(2, 3)  # [b, 1, 1, qc]: the real queries
         s = self._state.setdefault(layer, {"sum": 0.0, "count": 0.0})
-        s["sum"] = s["sum"] + (weights.detach() * valid).sum(2)
-        s["count"] = s["count"] + (self._visible(call, weights) * valid).sum(2)
+        s["sum"] = s["sum"] + torch.matmul(row, w)[:, :, 0]  # Σ over real queries, without a [b,h,q,k] temporary
+        s["count"] = s["count"] + torch.matmul(row, self._visible(call, w).to(w.dtype))[:, :, 0]
 
     def finish(self):
         out = {}
@@ -160,13 +161,21 @@ class Entropy(Reducer):
     """Per-query attention entropy (nats) and its normalisation by log(#visible keys)."""
 
     def update(self, layer, weights, call):
-        H = entropy(weights.detach().float())
+        w = weights.detach().float()
+        if call.logits is not None:
+            # H = log Z − Σ_k p_k z_k with log Z = z_max − log p_max: no log over [b, h, q, k]
+            z = call.logits.detach().float()
+            zmax, at = z.max(-1, keepdim=True)
+            H = (zmax - torch.log(w.gather(-1, at)))[..., 0] - torch.linalg.vecdot(w, z)
+        else:
+            H = entropy(w)
         nvis = self._visible(call, weights).sum(-1).to(H.dtype)
         Hn = torch.where(nvis > 1, H / torch.log(nvis.clamp_min(2)), torch.zeros_like(H))
-        valid = self._valid(call, weights)[..., 0]
+        valid = self._valid(call, weights)[..., 0] > 0
+        H, Hn = torch.where(valid, H, 0.0), torch.where(valid, Hn, 0.0)  # padded rows may hold inf/nan
         st = self._state.setdefault(layer, {"H": [], "Hn": []})
-        st["H"].append(H * valid)
-        st["Hn"].append(Hn * valid)
+        st["H"].append(H)
+        st["Hn"].append(Hn)
 
     def finish(self):
         out = {}

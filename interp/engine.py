@@ -44,6 +44,7 @@ class AttnCall:
     n_heads: int
     mask: torch.Tensor | None  # additive float mask for this chunk, [b, 1, q, k], or None
     query_valid: torch.Tensor | None  # bool [b, q] for this chunk (False at padding), or None
+    logits: torch.Tensor | None = None  # [b, h, q, k] logits the weights are the softmax of (eager path, unedited weights)
 
     @property
     def q_positions(self) -> torch.Tensor:
@@ -160,13 +161,20 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
         for q0 in range(0, q_len, chunk):
             q1 = min(q_len, q0 + chunk)
             call = call_for(q0, q1)
-            logits = torch.matmul(query[:, :, q0:q1], k.transpose(2, 3)) * scaling
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-            if call.mask is not None:
-                logits = logits + call.mask
-            elif causal and q_len > 1:
-                logits = logits + _default_mask(causal, q_len, k_len, q_offset, query)[:, :, q0:q1]
+            qc = q1 - q0
+            mask = call.mask
+            if mask is None and causal and q_len > 1:
+                mask = _default_mask(causal, q_len, k_len, q_offset, query)[:, :, q0:q1]
+            if softcap is None and mask is not None and mask.shape[0] * mask.shape[1] in (1, b * h):
+                # mask + scaling · Q Kᵀ in one GEMM per (batch, head): no [b, h, q, k] temporaries
+                logits = torch.baddbmm(mask.reshape(-1, qc, k_len), query[:, :, q0:q1].reshape(b * h, qc, -1),
+                                       k.reshape(b * h, k_len, -1).transpose(1, 2), alpha=scaling).view(b, h, qc, k_len)
+            else:
+                logits = torch.matmul(query[:, :, q0:q1], k.transpose(2, 3)) * scaling
+                if softcap is not None:
+                    logits = torch.tanh(logits / softcap) * softcap
+                if mask is not None:
+                    logits = logits + mask
             if "bias" in needs:
                 bias = _sum_bias(hooks, layer, call, query[:, :, q0:q1], k)
                 if bias is not None:
@@ -177,11 +185,12 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
                     if new is not None:
                         logits = new
             weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+            call.logits = logits
             for hk in hooks:
                 if "weights" in hk.needs(layer):
                     new = hk.on_weights(layer, weights, call)
                     if new is not None:
-                        weights = new
+                        weights, call.logits = new, None
             if keep_weights:
                 all_weights.append(weights)
             if not with_output:
