@@ -21,15 +21,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import interp  # noqa: E402
 
 
-def timeit(fn, repeats):
-    fn()
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def time_round_robin(fns: dict, repeats: int) -> dict:
+    """Median seconds per row; rows are timed in turn (after two warm-ups each), so load from other
+    processes on the machine hits every row alike."""
+    for fn in fns.values():
         fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        fn()
+    ts = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in ts.items()}
 
 
 def main():
@@ -66,13 +70,13 @@ def main():
                 m.hf(input_ids=ids)
         return f
 
-    rows = [("HF SDPA forward (baseline)", timeit(lambda: run(sdpa), a.repeats)),
-            ("interp idle (no spec)", timeit(lambda: run(m.hf), a.repeats))]
+    fns = {"HF SDPA forward (baseline)": lambda: run(sdpa), "interp idle (no spec)": lambda: run(m.hf)}
     for name, edits in specs.items():
-        rows.append((name, timeit(patched(interp.Spec.for_model(m, edits)), a.repeats)))
-    rows.append(("HF eager forward", timeit(lambda: run(eager), a.repeats)))
+        fns[name] = patched(interp.Spec.for_model(m, edits))
+    fns["HF eager forward"] = lambda: run(eager)
+    rows = list(time_round_robin(fns, a.repeats).items())
     base, eag = rows[0][1], rows[-1][1]
-    print(f"\nSmolLM2-135M, {a.tokens} tokens, batch 1, {a.threads} threads, median of {a.repeats}")
+    print(f"\nSmolLM2-135M, {a.tokens} tokens, batch 1, {a.threads} threads, median of {a.repeats} round-robin runs")
     print(f"{'row':44s} {'ms':>8s} {'x plain':>8s} {'x eager':>8s}")
     for name, t in rows:
         print(f"{name:44s} {t * 1000:8.1f} {t / base:8.2f} {t / eag:8.2f}")

@@ -1,9 +1,9 @@
 """The local execution engine: one attention function and forward hooks, shared by capture and patch.
 
 transformers routes attention through ``ALL_ATTENTION_FUNCTIONS``; interp registers one function,
-``"interp"``, with the eager mask builder (without a mask function the model would silently run
-with no causal mask). For every attention call it asks the active hooks what they need at that
-layer:
+``"interp"``, with SDPA's mask builder (None for a plain causal call, which the function then treats as
+causal itself; without a mask function the model would silently run with no causal mask). For every
+attention call it asks the active hooks what they need at that layer:
 
 * nothing, or only an additive logit bias / head-output edits  -> ``scaled_dot_product_attention``
   (the bias rides in the float mask), so an idle engine costs nothing;
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN_NAME = "interp"
 CHUNK_ELEMENTS = 2**24  # largest [b, h, q_chunk, k] block materialised at once (64 MiB in fp32)
@@ -122,11 +122,18 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
     k_len = key.shape[2]
     causal = engine.causal if engine is not None else getattr(module, "is_causal", True)
     q_offset = k_len - q_len if causal else 0
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
 
-    def call_for(q0: int, q1: int) -> AttnCall:
-        mask = attention_mask[:, :, q0:q1] if attention_mask is not None else None
+    def float_mask() -> torch.Tensor | None:
+        """The additive float mask [b, 1, q, k]; built here when HF left it out (None: plain causal or full)."""
+        m = attention_mask
+        if m is not None and m.dtype == torch.bool:
+            m = torch.where(m, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+        if m is None and causal and q_len > 1:
+            m = _default_mask(causal, q_len, k_len, q_offset, query)
+        return m
+
+    def call_for(q0: int, q1: int, full_mask: torch.Tensor | None) -> AttnCall:
+        mask = full_mask[:, :, q0:q1] if full_mask is not None else None
         qv = engine.query_valid if engine is not None else None
         if qv is not None:
             start = q_offset + q0
@@ -137,19 +144,18 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
 
     def sdpa():
         """SDPA with the hooks' logit biases in the float mask, then the hooks' head-output edits."""
-        mask = attention_mask
+        mask = attention_mask  # None / bool / float, as HF built it: SDPA takes each
         if "bias" in needs:
-            bias = _sum_bias(hooks, layer, call_for(0, q_len), query, key)
+            fm = float_mask()
+            bias = _sum_bias(hooks, layer, call_for(0, q_len, fm), query, key)
             if bias is not None:
-                if mask is None:
-                    mask = _default_mask(causal, q_len, k_len, q_offset, query)
-                mask = mask + bias
+                mask = (fm if fm is not None else torch.zeros(1, 1, q_len, k_len, dtype=query.dtype)) + bias
         kw = {k: v for k, v in kwargs.items() if k != "output_attentions"}
         if engine is not None and not causal:
             kw["is_causal"] = False
         out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kw)
         if "z" in needs:
-            out = _apply_z(hooks, layer, out, call_for(0, q_len), repeat_kv(value, h // value.shape[1]), None)
+            out = _apply_z(hooks, layer, out, call_for(0, q_len, None), repeat_kv(value, h // value.shape[1]), None)
         return out
 
     def eager(with_output: bool):
@@ -158,13 +164,12 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
         k, v = repeat_kv(key, h // key.shape[1]), repeat_kv(value, h // value.shape[1])
         chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k_len))
         outs, all_weights = [], []
+        fm = float_mask()
         for q0 in range(0, q_len, chunk):
             q1 = min(q_len, q0 + chunk)
-            call = call_for(q0, q1)
+            call = call_for(q0, q1, fm)
             qc = q1 - q0
             mask = call.mask
-            if mask is None and causal and q_len > 1:
-                mask = _default_mask(causal, q_len, k_len, q_offset, query)[:, :, q0:q1]
             if softcap is None and mask is not None and mask.shape[0] * mask.shape[1] in (1, b * h):
                 # mask + scaling · Q Kᵀ in one GEMM per (batch, head): no [b, h, q, k] temporaries
                 logits = torch.baddbmm(mask.reshape(-1, qc, k_len), query[:, :, q0:q1].reshape(b * h, qc, -1),
@@ -247,9 +252,10 @@ def _apply_z(hooks, layer, out, call, value, weights):
 
 
 def register() -> None:
-    """Register the attention function and its (eager, float) mask builder with transformers."""
+    """Register the attention function and its mask builder (SDPA's: None for a plain causal or full call,
+    else a bool mask) with transformers."""
     AttentionInterface.register(ATTN_NAME, interp_attention)
-    AttentionMaskInterface.register(ATTN_NAME, eager_mask)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
 def entropy(weights: torch.Tensor) -> torch.Tensor:

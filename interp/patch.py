@@ -82,6 +82,7 @@ class _SpecHook:
             for j, l in enumerate(layers):
                 self.by_layer.setdefault(l, []).append((e, _kind(e), j))
         self.n_heads = n_heads
+        self.bias_cache: dict[tuple, torch.Tensor] = {}  # cleared at every forward (see patch())
         self.head_masks = {}
         for e in spec.edits:
             hm = torch.zeros(n_heads, dtype=torch.bool)
@@ -132,44 +133,57 @@ class _SpecHook:
         for e, kind, _ in self.by_layer.get(layer, ()):
             if kind != "bias" or not self._active(e):
                 continue
-            qsel = self._select(e.get("queries", "all"), b, call.k_len, layer)[:, call.q_start:call.q_start + call.q_len]
-            op = e["op"]
-            qpos = call.q_positions[:, None].float()
-            kpos = torch.arange(call.k_len)[None, :].float()
-            if op == "attn.add_logit_bias" and "distance" in e:
-                d = e["distance"]
-                dist = (qpos - kpos).abs() / float(d.get("d0", 1.0))
-                g = {"log1p": torch.log1p(dist), "linear": dist, "constant": torch.ones_like(dist)}[d["fn"]]
-                val = float(d.get("scale", 1.0)) * g  # [q, k]
-                ksel = self._select(e.get("keys", "all"), b, call.k_len, layer)
-                edge = qsel[:, :, None] & ksel[:, None, :]
-                bias = torch.where(edge, val[None], 0.0)
-            elif op == "attn.add_logit_bias" and "tensor" in e:
-                t = self.spec.tensors[e["tensor"]].float()
-                t = t[..., call.q_start:call.q_start + call.q_len, :call.k_len]
-                bias = (t if t.dim() == 3 else t[None]).expand(self.n_heads, -1, -1)[None] * qsel[:, None, :, None]
-                bias = bias.expand(b, -1, -1, -1)
-            elif op == "attn.replace_pattern":  # local window
-                w = int(e["window"])
-                far = kpos <= qpos - w
-                if e.get("keep_sink", True):
-                    far[:, 0] = False
-                bias = torch.where(qsel[:, :, None] & far[None], BLOCK, 0.0)
-            else:
-                ksel = self._select(e["keys"] if "keys" in e else "all", b, call.k_len, layer)
-                edge = qsel[:, :, None] & ksel[:, None, :]
-                if op == "attn.knockout":
-                    val = BLOCK
-                elif op == "attn.scale_weights":
-                    val = math.log(e["factor"]) if e["factor"] > 0 else BLOCK
-                else:
-                    val = float(e["bias"])
-                bias = torch.where(edge, val, 0.0)
-            if bias.dim() == 3:
-                bias = bias[:, None].expand(-1, self.n_heads, -1, -1)
-            bias = bias * self.head_masks[id(e)][None, :, None, None]
+            # an edit's bias is the same in every layer unless it selects run-time sinks: built once per forward
+            key = (id(e), b, call.q_start, call.q_len, call.k_len, self.engine.step)
+            bias = None if _uses_sink(e) else self.bias_cache.get(key)
+            if bias is None:
+                bias = self._edit_bias(e, b, call, layer)
+                if not _uses_sink(e):
+                    self.bias_cache[key] = bias
             total = bias if total is None else total + bias
         return None if total is None else total.to(q.dtype)
+
+    def _edit_bias(self, e, b: int, call: AttnCall, layer: int) -> torch.Tensor:
+        """[b, 1 | h, q, k] additive logit bias of one edit (one head axis when it applies to every head)."""
+        qsel = self._select(e.get("queries", "all"), b, call.k_len, layer)[:, call.q_start:call.q_start + call.q_len]
+        op = e["op"]
+        qpos = call.q_positions[:, None].float()
+        kpos = torch.arange(call.k_len)[None, :].float()
+        if op == "attn.add_logit_bias" and "distance" in e:
+            d = e["distance"]
+            dist = (qpos - kpos).abs() / float(d.get("d0", 1.0))
+            g = {"log1p": torch.log1p(dist), "linear": dist, "constant": torch.ones_like(dist)}[d["fn"]]
+            val = float(d.get("scale", 1.0)) * g  # [q, k]
+            ksel = self._select(e.get("keys", "all"), b, call.k_len, layer)
+            edge = qsel[:, :, None] & ksel[:, None, :]
+            bias = torch.where(edge, val[None], 0.0)
+        elif op == "attn.add_logit_bias" and "tensor" in e:
+            t = self.spec.tensors[e["tensor"]].float()
+            t = t[..., call.q_start:call.q_start + call.q_len, :call.k_len]
+            bias = (t if t.dim() == 3 else t[None]).expand(self.n_heads, -1, -1)[None] * qsel[:, None, :, None]
+            bias = bias.expand(b, -1, -1, -1)
+        elif op == "attn.replace_pattern":  # local window
+            w = int(e["window"])
+            far = kpos <= qpos - w
+            if e.get("keep_sink", True):
+                far[:, 0] = False
+            bias = torch.where(qsel[:, :, None] & far[None], BLOCK, 0.0)
+        else:
+            ksel = self._select(e["keys"] if "keys" in e else "all", b, call.k_len, layer)
+            edge = qsel[:, :, None] & ksel[:, None, :]
+            if op == "attn.knockout":
+                val = BLOCK
+            elif op == "attn.scale_weights":
+                val = math.log(e["factor"]) if e["factor"] > 0 else BLOCK
+            else:
+                val = float(e["bias"])
+            bias = torch.where(edge, val, 0.0)
+        if bias.dim() == 3:
+            bias = bias[:, None]
+        hm = self.head_masks[id(e)]
+        if not hm.all():
+            bias = bias * hm[None, :, None, None]
+        return bias
 
     def on_logits(self, layer, logits, call: AttnCall):
         for e, kind, _ in self.by_layer.get(layer, ()):
@@ -217,16 +231,25 @@ class _SpecHook:
             hm = self.head_masks[id(e)]
             rows = qsel[:, None, :, None] & hm[None, :, None, None]  # [b, h, q, 1]
             if e["op"] == "attn.scale_weights":
-                ksel = self._select(e["keys"], b, call.k_len, layer)[:, None, None, :]
-                scaled = torch.where(rows & ksel, w * float(e["factor"]), w)
-                if "redistribute_to" in e:  # ACT/VAR: removed mass goes to R in proportion to its weights
+                # w'_qk = w_qk · m_qk with m = γ on K, (1 + gain_q) on R (ACT/VAR: the removed mass goes to R in
+                # proportion to its weights), 1 elsewhere; row sums come from GEMVs, not [b, h, q, k] temporaries
+                ksel = self._select(e["keys"], b, call.k_len, layer)[:, None, None, :]  # [b, 1, 1, k]
+                kidx = ksel[0, 0, 0].nonzero()[:, 0]
+                if e.get("redistribute_to") == "all" and len(kidx) <= 64 and (ksel == ksel[:1]).all():
+                    w = _scale_few_keys_redistribute_all(w, kidx, float(e["factor"]), rows)
+                    continue
+                colk = torch.where(ksel, float(e["factor"]), 1.0).to(w.dtype)
+                if "redistribute_to" in e:
                     rsel = self._select(e["redistribute_to"], b, call.k_len, layer)[:, None, None, :] & ~ksel
-                    removed = (w - scaled).sum(-1, keepdim=True)
-                    mass_r = (w * rsel).sum(-1, keepdim=True)
-                    gain = torch.where(mass_r > 0, removed / mass_r.clamp_min(1e-30), torch.zeros_like(mass_r))
-                    scaled = torch.where(rsel & rows & (mass_r > 0), w * (1 + gain), scaled)
-                    scaled = torch.where(rows & (mass_r > 0), scaled, w)  # nothing to receive the mass: keep row
-                w = scaled
+                    rf = rsel.to(w.dtype)
+                    removed = torch.matmul(w, (1 - colk).transpose(-1, -2))  # [b, h, q, 1]
+                    mass_r = torch.matmul(w, rf.transpose(-1, -2))
+                    rows = rows & (mass_r > 0)  # nothing to receive the mass: the row is kept
+                    gain = torch.where(rows, removed / mass_r.clamp_min(1e-30), 0.0)
+                    scaled = w * torch.addcmul(colk, rf, gain)
+                else:
+                    scaled = w * colk
+                w = scaled if rows.all() else torch.where(rows, scaled, w)
             else:  # copy_head
                 src = w[:, int(e["source_head"])][:, None].expand_as(w)
                 w = torch.where(rows, src, w)
@@ -353,7 +376,7 @@ def patch(model, *specs: Spec, roles: list[Roles] | None = None) -> Iterator[Non
     handles = []
     saved = (eng.roles, eng.offset, dict(eng.sinks))
     try:
-        handles.append(ad.lm.register_forward_pre_hook(_track_offset(eng), with_kwargs=True))
+        handles.append(ad.lm.register_forward_pre_hook(_track_offset(eng, compiled), with_kwargs=True))
         for c in compiled:
             if c.spec.sink is not None:
                 handles += _sink_hooks(model, c.spec.sink)
@@ -370,8 +393,28 @@ def patch(model, *specs: Spec, roles: list[Roles] | None = None) -> Iterator[Non
         eng.sinks.update(saved[2])
 
 
-def _track_offset(eng):
+def _scale_few_keys_redistribute_all(w: torch.Tensor, kidx: torch.Tensor, factor: float,
+                                     rows: torch.Tensor) -> torch.Tensor:
+    """ACT with R = every other key, for a few keys K (the common case): w'_K = γ w_K and
+    w'_k = (1 + gain_q) w_k elsewhere, gain_q = (1 − γ) p_K / (1 − p_K) — one pass over w."""
+    wk = w.index_select(-1, kidx)  # [b, h, q, |K|]
+    p_k = wk.sum(-1, keepdim=True)
+    mass_r = w.sum(-1, keepdim=True) - p_k
+    ok = rows & (mass_r > 0)  # nothing to receive the mass: the row is kept
+    gain = torch.where(ok, (1 - factor) * p_k / mass_r.clamp_min(1e-30), 0.0)
+    out = w * (1 + gain)
+    return out.index_copy_(-1, kidx, torch.where(ok, wk * factor, wk))
+
+
+def _uses_sink(e: dict) -> bool:
+    sels = [e.get(k) for k in ("queries", "keys", "redistribute_to")]
+    return any(v == "sink" or (isinstance(v, list) and "sink" in v) for v in sels)
+
+
+def _track_offset(eng, compiled=()):
     def fn(mod, args, kwargs):
+        for c in compiled:
+            c.bias_cache.clear()
         cache = kwargs.get("past_key_values")
         try:
             eng.offset = int(cache.get_seq_length()) if cache is not None else 0
