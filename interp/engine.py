@@ -20,6 +20,7 @@ what it computed before.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -223,12 +224,18 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
 
 
 def _default_mask(causal: bool, q_len, k_len, q_offset, query) -> torch.Tensor:
-    """Causal (or all-zero for bidirectional models) additive mask [1, 1, q, k]."""
-    m = torch.zeros(q_len, k_len, dtype=query.dtype, device=query.device)
+    """Causal (or all-zero for bidirectional models) additive mask [1, 1, q, k]; the same for every layer of
+    a forward, so the last one is kept (read only)."""
+    return _mask_of(causal, q_len, k_len, q_offset, query.dtype, query.device)
+
+
+@functools.lru_cache(maxsize=1)
+def _mask_of(causal: bool, q_len: int, k_len: int, q_offset: int, dtype, device) -> torch.Tensor:
+    m = torch.zeros(q_len, k_len, dtype=dtype, device=device)
     if causal:
-        qpos = torch.arange(q_len, device=query.device)[:, None] + q_offset
-        kpos = torch.arange(k_len, device=query.device)[None, :]
-        m = m.masked_fill(kpos > qpos, torch.finfo(query.dtype).min)
+        qpos = torch.arange(q_len, device=device)[:, None] + q_offset
+        kpos = torch.arange(k_len, device=device)[None, :]
+        m = m.masked_fill(kpos > qpos, torch.finfo(dtype).min)
     return m[None, None]
 
 
