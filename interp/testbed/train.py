@@ -461,7 +461,10 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--test-n", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--text-heads", type=int, default=None, help="attention heads per LM layer (default 4)")
     a = ap.parse_args(argv)
+    if a.text_heads:
+        MODEL_DIMS["text_heads"] = MODEL_DIMS["text_kv_heads"] = a.text_heads
     cfg = dict(DEFAULTS[a.model])
     for key in ("steps", "vision_steps", "batch_size", "single_frac", "quadrant_head"):
         v = getattr(a, key)
