@@ -10,7 +10,7 @@ $V -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('${TORCH_VE
   || $V -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 $V -c "import interp, pytest, hypothesis, nbclient" 2>/dev/null \
   || $V -m pip install -q -e ".[dev]"
-$V -m interp.embedded
+$V -c "from interp.embedded import fetch; print(fetch())"  # the embedded model (a no-op when cached)
 # Headless Chromium (Debian's package) for the report screenshot test; optional, skipped without apt/root.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
