@@ -99,7 +99,10 @@ def cam_maps(model: interp.Model, inputs, target: Sequence[int] | int | None = N
         raise interp.InterpError(f"site must be 'resid_pre' or 'resid_post', got {site!r}")
     batch = model.encode(inputs)
     img = [r.get("image", []) for r in batch.roles]
-    if not img[0] or any(len(p) != len(img[0]) for p in img):
+    if not all(img):
+        raise interp.InterpError(f"LLaVA-CAM needs image tokens (role 'image'), and these inputs to {model.name} have "
+                                 "none: give a vision-language model input_ids with its image tokens and pixel_values")
+    if any(len(p) != len(img[0]) for p in img):
         raise interp.InterpError("LLaVA-CAM needs the same number of image tokens (role 'image') in every row")
     layers = list(range(model.n_layers)) if layers is None else [l % model.n_layers for l in layers]
     B = len(batch)
