@@ -21,6 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import interp  # noqa: E402
 
 
+def fix_malloc() -> None:
+    """glibc maps every large block (here the [h, q, k] attention tensors) afresh unless its adaptive mmap
+    threshold has grown past it, so the same row pays the kernel's page zeroing in some runs and not in others;
+    fixing the thresholds (mallopt) removes that noise for every row alike."""
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 def time_round_robin(fns: dict, repeats: int) -> dict:
     """Median seconds per row; rows are timed in turn (after two warm-ups each), so load from other
     processes on the machine hits every row alike."""
@@ -41,7 +52,11 @@ def main():
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fixed-malloc", action="store_true",
+                    help="serve every allocation from glibc's heap (no mmap per large tensor), for all rows alike")
     a = ap.parse_args()
+    if a.fixed_malloc:
+        fix_malloc()
     torch.set_num_threads(a.threads)
     m = interp.load("smollm2")
     ids = torch.randint(100, 40000, (1, a.tokens), generator=torch.Generator().manual_seed(0))
@@ -79,7 +94,8 @@ def main():
     best = {name: lo for name, (_, lo) in timed.items()}
     base, eag = rows[0][1], rows[-1][1]
     base_lo, eag_lo = best[rows[0][0]], best[rows[-1][0]]
-    print(f"\nSmolLM2-135M, {a.tokens} tokens, batch 1, {a.threads} threads, median of {a.repeats} round-robin runs")
+    print(f"\nSmolLM2-135M, {a.tokens} tokens, batch 1, {a.threads} threads, median of {a.repeats} round-robin runs, "
+          f"allocator: {'glibc, fixed thresholds' if a.fixed_malloc else 'glibc defaults'}")
     print(f"{'row':44s} {'ms':>8s} {'x plain':>8s} {'x eager':>8s}   {'best ms':>8s} {'x plain':>8s} {'x eager':>8s}")
     for name, t in rows:
         lo = best[name]
@@ -93,7 +109,8 @@ def main():
               ("weight edit <= 1.1x HF eager", r["weight edit (ACT redistribution)"] / eag <= 1.1)]
     for c, ok in checks:
         print(f"  {'PASS' if ok else 'MISS'}  {c}")
-    print(f"\nreproduce: .venv/bin/python bench/patch.py --tokens {a.tokens} --repeats {a.repeats} --threads {a.threads}")
+    print(f"\nreproduce: .venv/bin/python bench/patch.py --tokens {a.tokens} --repeats {a.repeats} --threads {a.threads}"
+          + (" --fixed-malloc" if a.fixed_malloc else ""))
 
 
 if __name__ == "__main__":

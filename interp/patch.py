@@ -399,8 +399,8 @@ def _scale_few_keys_redistribute_all(w: torch.Tensor, kidx: torch.Tensor, factor
     w'_k = (1 + gain_q) w_k elsewhere, gain_q = (1 − γ) p_K / (1 − p_K) — one pass over w."""
     wk = w.index_select(-1, kidx)  # [b, h, q, |K|]
     p_k = wk.sum(-1, keepdim=True)
-    mass_r = w.sum(-1, keepdim=True) - p_k
-    ok = rows & (mass_r > 0)  # nothing to receive the mass: the row is kept
+    mass_r = 1 - p_k  # rows are stochastic (every edit keeps them so): Σ over the other keys without a pass over w
+    ok = rows & (mass_r > 4 * torch.finfo(w.dtype).eps)  # nothing (beyond rounding) to receive the mass: row kept
     gain = torch.where(ok, (1 - factor) * p_k / mass_r.clamp_min(1e-30), 0.0)
     out = w * (1 + gain)
     return out.index_copy_(-1, kidx, torch.where(ok, wk * factor, wk))

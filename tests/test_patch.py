@@ -331,6 +331,12 @@ def test_redistribute_matches_act_formula(llama):
     assert (B[0, 0, 3] - want).abs().max() <= 1e-6
     assert (B.sum(-1) - 1).abs().max() <= 1e-5
     assert torch.equal(B[0, 1:], A[0, 1:]) and torch.equal(B[0, 0, 0], A[0, 0, 0])
+    # a row whose visible keys are all in K has nothing to receive the mass: it is kept as it was
+    s0 = spec(llama, {"op": "attn.scale_weights", "layers": [1], "keys": [0], "factor": 0.4, "redistribute_to": "all"})
+    with interp.patch(llama, s0):
+        C = interp.capture(llama, x, sites="blocks.1.attn.pattern")["blocks.1.attn.pattern"]
+    assert torch.equal(C[:, :, 0], A[:, :, 0]) and (C.sum(-1) - 1).abs().max() <= 1e-5
+    assert (C[:, :, 1:, 0] - 0.4 * A[:, :, 1:, 0]).abs().max() <= 1e-7
 
 
 def test_amplify_pai_formula_and_neutral(llama):
