@@ -105,6 +105,15 @@ class Reducer:
     def finish(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def _rows(self, layer: int, name: str, chunk: torch.Tensor, call: AttnCall) -> None:
+        """Write a per-query chunk result [b, h, q_chunk, ...] into this layer's [b, h, T, ...] output, allocated
+        once: many small per-chunk tensors kept until the end would fragment the heap at long context."""
+        st = self._state.setdefault(layer, {})
+        if name not in st:
+            T = self._batch.input_ids.shape[1]
+            st[name] = torch.zeros(*chunk.shape[:2], T, *chunk.shape[3:], dtype=chunk.dtype)
+        st[name][:, :, call.q_start:call.q_start + call.q_len] = chunk
+
     @staticmethod
     def _valid(call: AttnCall, weights: torch.Tensor) -> torch.Tensor:
         """float [b,1,qc,1]: 1 for real queries."""
@@ -150,10 +159,10 @@ class RoleMass(Reducer):
         for i, r in enumerate(self._batch.roles):
             pos = [p for p in r.positions(self.role) if p < weights.shape[-1]]
             sel[i, 0, 0, pos] = 1
-        self._state.setdefault(layer, []).append((weights.detach() * sel).sum(-1) * self._valid(call, weights)[..., 0])
+        self._rows(layer, "mass", (weights.detach() * sel).sum(-1) * self._valid(call, weights)[..., 0], call)
 
     def finish(self):
-        return {f"blocks.{l}.attn.role_mass.{self.role}": torch.cat(v, 2) for l, v in self._state.items()}
+        return {f"blocks.{l}.attn.role_mass.{self.role}": st["mass"] for l, st in self._state.items()}
 
 
 @dataclass
@@ -173,15 +182,14 @@ class Entropy(Reducer):
         Hn = torch.where(nvis > 1, H / torch.log(nvis.clamp_min(2)), torch.zeros_like(H))
         valid = self._valid(call, weights)[..., 0] > 0
         H, Hn = torch.where(valid, H, 0.0), torch.where(valid, Hn, 0.0)  # padded rows may hold inf/nan
-        st = self._state.setdefault(layer, {"H": [], "Hn": []})
-        st["H"].append(H)
-        st["Hn"].append(Hn)
+        self._rows(layer, "H", H, call)
+        self._rows(layer, "Hn", Hn, call)
 
     def finish(self):
         out = {}
         for l, st in self._state.items():
-            out[f"blocks.{l}.attn.entropy"] = torch.cat(st["H"], 2)
-            out[f"blocks.{l}.attn.entropy_norm"] = torch.cat(st["Hn"], 2)
+            out[f"blocks.{l}.attn.entropy"] = st["H"]
+            out[f"blocks.{l}.attn.entropy_norm"] = st["Hn"]
         return out
 
 
@@ -193,15 +201,14 @@ class TopK(Reducer):
 
     def update(self, layer, weights, call):
         v, i = weights.detach().topk(min(self.k, weights.shape[-1]), dim=-1)
-        st = self._state.setdefault(layer, {"v": [], "i": []})
-        st["v"].append(v)
-        st["i"].append(i)
+        self._rows(layer, "v", v, call)
+        self._rows(layer, "i", i, call)
 
     def finish(self):
         out = {}
         for l, st in self._state.items():
-            out[f"blocks.{l}.attn.topk_val"] = torch.cat(st["v"], 2)
-            out[f"blocks.{l}.attn.topk_idx"] = torch.cat(st["i"], 2)
+            out[f"blocks.{l}.attn.topk_val"] = st["v"]
+            out[f"blocks.{l}.attn.topk_idx"] = st["i"]
         return out
 
 
