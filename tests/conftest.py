@@ -57,3 +57,12 @@ class ForceEager:
 
     def on_weights(self, layer, weights, call):
         return None
+
+
+def load_testbed_model(name: str):
+    """A committed testbed VLM (``"llava_ar"`` / ``"llada_diffusion"``) as an interp Model, with its tokenizer
+    and meta."""
+    import interp
+    from interp.testbed import load_testbed
+    hf, tok, meta = load_testbed(name)
+    return interp.load(hf, tokenizer=tok, name=name), tok, meta

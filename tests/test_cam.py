@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import interp
+from tests.conftest import load_testbed_model
 from attribution.cam import METHODS, cam, cam_maps, cliff_layer, truncation_accuracy
-from interp.testbed import CHECKPOINT_DIR, GRID, build_inputs, load_testbed, make_dataset
+from interp.testbed import CHECKPOINT_DIR, GRID, build_inputs, make_dataset
 from interp.testbed.localize import (all_objects_maps, localisation_items, localisation_table, occlusion_maps,
                                      random_maps, target_masks)
 
@@ -19,9 +20,7 @@ pytestmark = pytest.mark.skipif(not (CHECKPOINT_DIR / "llava_ar" / "model.safete
 
 @pytest.fixture(scope="module")
 def testbed():
-    torch.set_num_threads(1)
-    hf, tok, meta = load_testbed("llava_ar")
-    return interp.load(hf, tokenizer=tok, name="testbed-llava-ar"), tok, meta
+    return load_testbed_model("llava_ar")
 
 
 class _ImageGrid(nn.Module):

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import interp
+from tests.conftest import load_testbed_model
 from attribution.diffusion_cam import STAGES, akd, akd_kernel_size, cba, dacg, diffusion_cam, localisation, sicd
-from interp.testbed import CHECKPOINT_DIR, build_inputs, load_testbed, make_dataset
+from interp.testbed import CHECKPOINT_DIR, build_inputs, make_dataset
 
 pytestmark = pytest.mark.skipif(not (CHECKPOINT_DIR / "llada_diffusion" / "model.safetensors").exists(),
                                 reason="the diffusion testbed checkpoint is not committed")
@@ -12,9 +13,7 @@ pytestmark = pytest.mark.skipif(not (CHECKPOINT_DIR / "llada_diffusion" / "model
 
 @pytest.fixture(scope="module")
 def testbed():
-    torch.set_num_threads(1)
-    hf, tok, meta = load_testbed("llada_diffusion")
-    return interp.load(hf, tokenizer=tok, name="testbed-llada"), tok, meta
+    return load_testbed_model("llada_diffusion")
 
 
 def test_filters_by_hand():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import interp
+from tests.conftest import load_testbed_model
 from interp.testbed import CHECKPOINT_DIR, load_testbed
 from interp.testbed.items import answer_ids, encode_items, score_vqa, vqa_items
 from interp.testbed.localize import localisation_items, pointing_game, target_masks
@@ -30,8 +31,7 @@ def tb(request):
 
 @pytest.fixture(scope="module")
 def ar():
-    hf, tok, meta = load_testbed("llava_ar")
-    return interp.load(hf, tokenizer=tok, name="llava_ar")
+    return load_testbed_model("llava_ar")[0]
 
 
 def _hf(ref, batch):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import interp
+from tests.conftest import load_testbed_model
 from interp.testbed import CHECKPOINT_DIR, build_inputs, load_testbed, make_dataset
 from probes.vhd import to_spec, vhd
 
@@ -14,8 +15,7 @@ pytestmark = pytest.mark.skipif(not (CHECKPOINT_DIR / "llava_ar" / "model.safete
 
 @pytest.fixture(scope="module")
 def testbed():
-    hf, tok, meta = load_testbed("llava_ar")
-    return interp.load(hf, tokenizer=tok, name="testbed-llava-ar"), tok, meta
+    return load_testbed_model("llava_ar")
 
 
 def test_capture_equals_hf_on_testbed(testbed):
