@@ -30,36 +30,17 @@ target token.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import pandas as pd
 import torch
 
 import interp
-from interp.capture import Reducer, RoleMass
+from interp.capture import QueryRow, RoleMass
 from interp.finding import Finding, digest
 from interp.roles import Batch
 
 METHODS = ("gradcam", "llava_cam", "grad_x_act", "attention", "attn_x_grad")
-
-
-@dataclass
-class LastRow(Reducer):
-    """A^{l,h}[last, :] of each sequence's last real query -> ``blocks.{l}.attn.last_row`` [b, h, k]."""
-
-    def start(self, batch: Batch) -> None:
-        super().start(batch)
-        self._last = [n - 1 for n in batch.lengths]
-
-    def update(self, layer, weights, call):
-        out = self._state.setdefault(layer, torch.zeros(weights.shape[0], weights.shape[1], weights.shape[-1]))
-        for b, last in enumerate(self._last):
-            if call.q_start <= last < call.q_start + call.q_len:
-                out[b] = weights[b, :, last - call.q_start].detach().float()
-
-    def finish(self):
-        return {f"blocks.{l}.attn.last_row": v for l, v in self._state.items()}
 
 
 def grad_cam(F: torch.Tensor, G: torch.Tensor, relu_grad: bool = False, mean: bool = False) -> torch.Tensor:
@@ -109,7 +90,7 @@ def cam_maps(model: interp.Model, inputs, target: Sequence[int] | int | None = N
     n_copies = max(1, smooth)
     run = _with_noise(batch, n_copies, sigma, seed) if smooth else batch
     names = [f"blocks.{l}.{site}" for l in layers]
-    tr = interp.capture(model, run, sites=names, reducers=[RoleMass(role="image"), RoleMass(role="bos"), LastRow()],
+    tr = interp.capture(model, run, sites=names, reducers=[RoleMass(role="image"), RoleMass(role="bos"), QueryRow()],
                         layers=layers, grad=True)
     logits = tr.output.logits
     last = torch.tensor(run.lengths) - 1
@@ -128,7 +109,7 @@ def cam_maps(model: interp.Model, inputs, target: Sequence[int] | int | None = N
         G = gather(tr.grad(name)).float()
         raw = grad_cam(F, G)
         gxa = (F * G).sum(-1).abs()
-        att = gather(tr[f"blocks.{l}.attn.last_row"].mean(1)[..., None])[..., 0]
+        att = gather(tr[f"blocks.{l}.attn.query_row"].mean(1)[..., None])[..., 0]
         maps = {"raw": raw, "gradcam": raw.clamp(min=0), "llava_cam": llava_cam(F, G, threshold),
                 "grad_x_act": gxa, "attention": att, "attn_x_grad": att * gxa}
         for k, v in maps.items():

@@ -4,7 +4,7 @@
     model = interp.load("smollm2")
     trace = interp.capture(model, "The capital of France is", sites="blocks.*.attn.pattern")
 """
-from .capture import Entropy, KeyMass, Reducer, RoleMass, TopK, capture
+from .capture import Entropy, KeyMass, QueryRow, Reducer, RoleMass, TopK, capture
 from .errors import InterpError
 from .evaluate import evaluate
 from .finding import Finding
@@ -15,5 +15,5 @@ from .spec import Spec
 from .trace import Trace
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "capture", "Trace", "Roles", "Batch", "Reducer", "KeyMass", "RoleMass",
+__all__ = ["load", "Model", "capture", "Trace", "Roles", "Batch", "Reducer", "KeyMass", "RoleMass", "QueryRow",
            "Entropy", "TopK", "InterpError", "Finding", "Spec", "patch", "evaluate", "__version__"]

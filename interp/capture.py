@@ -166,6 +166,24 @@ class RoleMass(Reducer):
 
 
 @dataclass
+class QueryRow(Reducer):
+    """A[q, :] of one query per sequence (the first position of the ``query`` selector: ``last`` = its last
+    real token, or a role) -> ``blocks.{l}.attn.query_row`` [b, h, k], without storing the pattern."""
+
+    query: str = "last"
+
+    def update(self, layer, weights, call):
+        out = self._state.setdefault(layer, torch.zeros(weights.shape[0], weights.shape[1], weights.shape[-1]))
+        for i, r in enumerate(self._batch.roles):
+            p = r.positions(self.query)[0] - call.q_start
+            if 0 <= p < call.q_len:
+                out[i] = weights[i, :, p].detach().float()
+
+    def finish(self):
+        return {f"blocks.{l}.attn.query_row": v for l, v in self._state.items()}
+
+
+@dataclass
 class Entropy(Reducer):
     """Per-query attention entropy (nats) and its normalisation by log(#visible keys)."""
 

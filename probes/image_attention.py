@@ -20,35 +20,16 @@ z'_{qk} = z_{qk} + α|z_{qk}| for image keys at the answer query, METHODS §8).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import pandas as pd
 import torch
 
 import interp
-from interp.capture import Reducer
+from interp.capture import QueryRow
 from interp.finding import Finding, digest
 from interp.testbed.items import encode_items, slice_batch, testbed_meta
 from interp.testbed.localize import (all_objects_maps, localisation_table, occlusion_maps, random_maps, score_maps,
                                      target_masks)
-
-
-@dataclass
-class QueryRow(Reducer):
-    """``attn.query_row`` [b, h, k]: the attention row of each sequence's query position (``role``, first
-    position), kept while the weights are computed so no [b, h, q, k] pattern is stored."""
-
-    role: str = "query"
-
-    def update(self, layer, weights, call):
-        st = self._state.setdefault(layer, torch.zeros(weights.shape[0], weights.shape[1], weights.shape[-1]))
-        for i, r in enumerate(self._batch.roles):
-            p = r.positions(self.role)[0] - call.q_start
-            if 0 <= p < call.q_len:
-                st[i] = weights[i, :, p].detach().float()
-
-    def finish(self):
-        return {f"blocks.{l}.attn.query_row": v for l, v in self._state.items()}
 
 
 def attention_maps(model: interp.Model, batch, chunk: int = 128) -> torch.Tensor:
@@ -56,7 +37,7 @@ def attention_maps(model: interp.Model, batch, chunk: int = 128) -> torch.Tensor
     out = []
     for i in range(0, len(batch), chunk):
         b = slice_batch(batch, i, min(len(batch), i + chunk))
-        tr = interp.capture(model, b, reducers=[QueryRow()])
+        tr = interp.capture(model, b, reducers=[QueryRow(query="role:query")])
         rows = tr.stack("attn.query_row").permute(1, 0, 2, 3)  # [b, L, H, T]
         img = torch.tensor([r["image"] for r in b.roles])  # [b, 64]
         out.append(torch.gather(rows, 3, img[:, None, None, :].expand(-1, rows.shape[1], rows.shape[2], -1)))

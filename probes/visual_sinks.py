@@ -29,9 +29,9 @@ import pandas as pd
 import torch
 
 import interp
+from interp.capture import QueryRow
 from interp.finding import Finding, digest
 from interp.testbed.items import encode_items, slice_batch
-from probes.image_attention import QueryRow
 
 
 def _rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ def visual_sinks(model: interp.Model, items: list, *, dims: list[int] | None = N
     phis, rows = [], []
     for i in range(0, len(batch), chunk):
         b = slice_batch(batch, i, min(len(batch), i + chunk))
-        tr = interp.capture(model, b, sites="blocks.*.resid_pre", reducers=[QueryRow()])
+        tr = interp.capture(model, b, sites="blocks.*.resid_pre", reducers=[QueryRow(query="role:query")])
         x = tr.stack("resid_pre")  # [L, b, T, d]
         phi = _rms_norm(x)[..., dims].abs().amax(-1)  # [L, b, T]
         pad = torch.full((L, len(b), batch.input_ids.shape[1] - phi.shape[-1]), float("nan"))

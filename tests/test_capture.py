@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import interp
-from interp import Entropy, InterpError, KeyMass, RoleMass, TopK
+from interp import Entropy, InterpError, KeyMass, QueryRow, RoleMass, TopK
 from tests.conftest import random_ids, tiny_hf
 
 PROMPT = "The capital of France is Paris. The capital of Italy is"
@@ -84,7 +84,7 @@ def test_reducers_equal_statistics_of_full_patterns_with_padding(smol):
     assert batch.attention_mask[0].sum() < batch.attention_mask[1].sum()  # padded
     layers = [0, 7, 29]
     tr = interp.capture(smol, batch, sites="blocks.*.attn.pattern", layers=layers,
-                        reducers=[KeyMass(), Entropy(), TopK(3), RoleMass("subject")])
+                        reducers=[KeyMass(), Entropy(), TopK(3), RoleMass("subject"), QueryRow()])
     for l in layers:
         A = tr[f"blocks.{l}.attn.pattern"]
         for i, n in enumerate(batch.lengths):
@@ -100,6 +100,7 @@ def test_reducers_equal_statistics_of_full_patterns_with_padding(smol):
             v, idx = a.topk(3, dim=-1)
             assert (tr[f"blocks.{l}.attn.topk_val"][i, :, :n] - v).abs().max() <= 1e-5
             assert (tr[f"blocks.{l}.attn.role_mass.subject"][i, :, :n] - a[..., [1, 2]].sum(-1)).abs().max() <= 1e-5
+            assert (tr[f"blocks.{l}.attn.query_row"][i, :, :n] - a[:, n - 1]).abs().max() <= 1e-5  # last real query
             # padded queries never count
             assert tr[f"blocks.{l}.attn.entropy"][i, :, n:].abs().sum() == 0
 
