@@ -246,7 +246,7 @@ def localisation(model: interp.Model, tokenizer, meta: dict, n_scenes: int = 70,
     r = testbed_maps(model, tokenizer, meta, items, **kw)
     refs = {"random": random_maps(len(items), seed), "all_objects": all_objects_maps(items)}
     if occlusion:
-        refs["occlusion"] = occlusion_maps(model.hf, tokenizer, meta, items)
+        refs["occlusion"] = occlusion_maps(model, items)
     rows = []
     for name, mp in refs.items():
         rows.append(localisation_table({name: mp}, masks, n_boot=n_boot, seed=seed).assign(layer=-1))

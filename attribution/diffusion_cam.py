@@ -253,7 +253,7 @@ def localisation(model: interp.Model, tokenizer, meta: dict, n_scenes: int = 70,
                 stages[k][i] = st[k].flatten()
     maps = {"random": random_maps(len(items), seed), "all_objects": all_objects_maps(items)}
     if occlusion:
-        maps["occlusion"] = occlusion_maps(model.hf, tokenizer, meta, items)
+        maps["occlusion"] = occlusion_maps(model, items)
     maps.update({("raw" if k == "raw" else f"+{k.upper()}"): v for k, v in stages.items()})
     table = localisation_table(maps, masks, n_boot=n_boot, seed=seed)
     metrics = {"n_items": len(items), "step_used": sorted(steps_used)[0] if len(steps_used) == 1 else sorted(steps_used),

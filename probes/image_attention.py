@@ -65,7 +65,7 @@ def image_attention(model: interp.Model, items: list, *, occlusion: bool = True,
     table = pd.DataFrame(rows)
     refs = {"random": random_maps(N, seed), "all_objects": all_objects_maps(items)}
     if occlusion:
-        refs["occlusion"] = occlusion_maps(model.hf, model.tokenizer, meta, items)
+        refs["occlusion"] = occlusion_maps(model, items)
     ref_table = localisation_table(refs, masks, n_boot=n_boot, seed=seed)
     heads = table[table["head"] >= 0]
     best = heads.loc[heads.pointing.idxmax()]

@@ -25,6 +25,7 @@ Two baselines and one model-specific reference:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 import pandas as pd
 import torch
@@ -116,38 +117,21 @@ def occlude(image: torch.Tensor, patches: Iterable[int], fill: float | None = No
 
 
 @torch.no_grad()
-def answer_logits(model, tokenizer, meta: dict, scene_images: torch.Tensor, question: Question,
-                  batch_size: int = 64) -> torch.Tensor:
-    """[B] logit of the answer's first token for each image of ``scene_images`` [B, 3, 32, 32].
-
-    AR testbed: at the last prompt position. Diffusion testbed: at the first of ``gen_len`` mask
-    tokens appended to the prompt (the first answer position, fully masked).
-    """
-    from . import normalize_image, prompt_text
-
-    ids = tokenizer(prompt_text(meta, question.text), add_special_tokens=False, return_tensors="pt")["input_ids"]
-    pos = ids.shape[1] - 1
-    if meta["kind"] == "diffusion":
-        ids = torch.cat([ids, torch.full((1, meta["gen_len"]), meta["mask_token_id"])], dim=1)
-        pos = ids.shape[1] - meta["gen_len"]
-    target = tokenizer.convert_tokens_to_ids(question.answer.split()[0])
-    dtype = next(model.parameters()).dtype
-    out = []
-    for b0 in range(0, len(scene_images), batch_size):
-        px = normalize_image(scene_images[b0:b0 + batch_size], meta).to(dtype)
-        logits = model(input_ids=ids.expand(len(px), -1), pixel_values=px).logits
-        out.append(logits[:, pos, target].float())
-    return torch.cat(out)
-
-
-def occlusion_maps(model, tokenizer, meta: dict, items: list[tuple[Scene, Question]], *, fill: float | None = None,
+def occlusion_maps(model, items: list[tuple[Scene, Question]], *, fill: float | None = None,
                    progress: bool = False) -> torch.Tensor:
-    """float [N, 64]: drop of the answer logit when each patch alone is blanked out (see :func:`occlude`)."""
+    """float [N, 64]: drop of the answer logit when each patch alone is blanked out (see :func:`occlude`).
+
+    ``model`` is a testbed loaded with :func:`interp.load`; the logit is read where the testbed answers
+    (:func:`interp.testbed.items.answer_logits`: the last prompt position, or the first masked answer position
+    of the diffusion model)."""
     from tqdm.auto import tqdm
+
+    from .items import answer_ids, answer_logits, encode_items
 
     maps = torch.empty(len(items), N_PATCHES)
     for i, (scene, q) in enumerate(tqdm(items, desc="occlusion", disable=not progress)):
-        images = torch.stack([scene.image] + [occlude(scene.image, [p], fill) for p in range(N_PATCHES)])
-        logit = answer_logits(model, tokenizer, meta, images, q, batch_size=N_PATCHES + 1)
+        variants = [scene] + [replace(scene, image=occlude(scene.image, [p], fill)) for p in range(N_PATCHES)]
+        batch = encode_items(model, [(v, q) for v in variants])
+        logit = answer_logits(model, batch, chunk=N_PATCHES + 1)[:, answer_ids(model, [(scene, q)])[0]]
         maps[i] = logit[0] - logit[1:]
     return maps
