@@ -136,9 +136,15 @@ class KeyMass(Reducer):
     def update(self, layer, weights, call):
         w = weights.detach()
         row = self._valid(call, w).transpose(2, 3)  # [b, 1, 1, qc]: the real queries
-        s = self._state.setdefault(layer, {"sum": 0.0, "count": 0.0})
-        s["sum"] = s["sum"] + torch.matmul(row, w)[:, :, 0]  # Σ over real queries, without a [b,h,q,k] temporary
-        s["count"] = s["count"] + torch.matmul(row, self._visible(call, w).to(w.dtype))[:, :, 0]
+        kc = w.shape[-1]  # keys handed over (every later key is masked in this chunk)
+        mass = torch.matmul(row, w)[:, :, 0]  # Σ over real queries, without a [b,h,q,k] temporary
+        count = torch.matmul(row, self._visible(call, w).to(w.dtype))[:, :, 0]
+        s = self._state.get(layer)
+        if s is None:
+            s = self._state[layer] = {"sum": mass.new_zeros(*mass.shape[:2], call.k_len),
+                                      "count": count.new_zeros(*count.shape[:2], call.k_len)}
+        s["sum"][..., :kc] += mass
+        s["count"][..., :kc] += count
 
     def finish(self):
         out = {}
@@ -173,11 +179,12 @@ class QueryRow(Reducer):
     query: str = "last"
 
     def update(self, layer, weights, call):
-        out = self._state.setdefault(layer, torch.zeros(weights.shape[0], weights.shape[1], weights.shape[-1]))
+        out = self._state.setdefault(layer, torch.zeros(weights.shape[0], weights.shape[1], call.k_len))
+        kc = weights.shape[-1]  # keys handed over (every later key is masked in this chunk)
         for i, r in enumerate(self._batch.roles):
             p = r.positions(self.query)[0] - call.q_start
             if 0 <= p < call.q_len:
-                out[i] = weights[i, :, p].detach().float()
+                out[i, :, :kc] = weights[i, :, p].detach().float()
 
     def finish(self):
         return {f"blocks.{l}.attn.query_row": v for l, v in self._state.items()}
@@ -218,7 +225,11 @@ class TopK(Reducer):
     k: int = 5
 
     def update(self, layer, weights, call):
-        v, i = weights.detach().topk(min(self.k, weights.shape[-1]), dim=-1)
+        k = min(self.k, call.k_len)
+        w = weights.detach()
+        if w.shape[-1] < k:  # only the first keys were handed over: the rest weigh 0
+            w = torch.nn.functional.pad(w, (0, k - w.shape[-1]))
+        v, i = w.topk(k, dim=-1)
         self._rows(layer, "v", v, call)
         self._rows(layer, "i", i, call)
 
@@ -254,6 +265,10 @@ class _CaptureHook:
         if "attn.z" in kinds:
             out.add("z")
         return out
+
+    def keeps_tensors(self, layer: int) -> bool:
+        """Patterns are kept as handed over (no copy); logits are copied; reducers keep only their folds."""
+        return self.grad or "attn.pattern" in self.by_layer.get(layer, ())
 
     def _keep(self, name, t, copy: bool = True):
         """Keep a tensor. Attention tensors are fresh per call and never edited in place, so they are kept

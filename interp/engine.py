@@ -10,10 +10,15 @@ attention call it asks the active hooks what they need at that layer:
 * logits or weights, read only (capture of patterns, reducers; no autograd) -> the output still
   comes from SDPA, so a capture never changes what the model computes, and the weights the hooks
   read come from the eager formula, in query chunks when the [b, h, q, k] block would be large;
+  when no hook keeps what it is handed (reducers), a causal model's chunks stop at their last
+  visible key, so the masked upper triangle is never computed;
 * logits or weights edited (weight edits), or gradients through the pattern -> the eager formula
   gives the output too, in the same chunks, so memory stays linear in length.
 
-Hooks never see the model: they receive tensors and an :class:`AttnCall` describing the call.
+Hooks never see the model: they receive tensors and an :class:`AttnCall` describing the call. The
+[b, h, q, k] logits and weights live in two buffers the engine reuses from layer to layer (a fresh
+block per layer costs more in page faults than the softmax itself), unless a hook keeps them
+(``keeps_tensors``).
 Leaving any context (normally or by exception) removes its hooks, so the model computes exactly
 what it computed before.
 """
@@ -41,7 +46,7 @@ class AttnCall:
     layer: int
     q_start: int  # absolute position of the first query in this chunk
     q_len: int  # queries in this chunk
-    k_len: int  # keys (cache included)
+    k_len: int  # keys (cache included); logits/weights handed to hooks may stop earlier (see AttentionHook)
     n_heads: int
     mask: torch.Tensor | None  # additive float mask for this chunk, [b, 1, q, k], or None
     query_valid: torch.Tensor | None  # bool [b, q] for this chunk (False at padding), or None
@@ -55,9 +60,15 @@ class AttnCall:
 class AttentionHook(Protocol):
     """What capture reducers and patch ops implement. Each ``on_*`` returns a replacement or None.
     A hook with ``read_only = True`` promises never to return a replacement from ``on_logits`` or
-    ``on_weights``."""
+    ``on_weights``. ``keeps_tensors(layer)`` says whether it keeps a reference to the logits or weights
+    it is handed after the call returns (assumed when the method is absent). If every hook at a layer
+    keeps nothing, the engine reuses their memory, and on the read-only path of a causal model it
+    hands over only the first ``weights.shape[-1]`` keys of a chunk: every later key is masked for
+    every query of the chunk (its weight is 0)."""
 
     read_only: bool
+
+    def keeps_tensors(self, layer: int) -> bool: ...
 
     def needs(self, layer: int) -> set[str]:
         """Subset of {"bias", "logits", "weights", "z"} this hook touches at ``layer``."""
@@ -80,6 +91,7 @@ class Engine:
         self.offset = 0  # tokens already in the KV cache (generation)
         self.step: int | None = None  # denoising step (diffusion LMs), for step-scoped edits
         self.sinks: dict[int, torch.Tensor] = {}  # layer -> bool [b, T] sink tokens found at run time
+        self._scratch: dict[str, torch.Tensor] = {}  # reused [b, h, q, k] buffers, freed with the last hook
         for i, m in enumerate(attn_modules):
             m._interp_engine = self
             m._interp_layer = i
@@ -109,6 +121,18 @@ class Engine:
             yield
         finally:
             del self.hooks[n:]
+            if not self.hooks:
+                self._scratch.clear()
+
+    def scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A reusable buffer of ``shape`` (dtype and device of ``like``), grown when too small."""
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._scratch.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            self._scratch[name] = buf = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(shape)
 
 
 def interp_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -133,8 +157,8 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
             m = _default_mask(causal, q_len, k_len, q_offset, query)
         return m
 
-    def call_for(q0: int, q1: int, full_mask: torch.Tensor | None) -> AttnCall:
-        mask = full_mask[:, :, q0:q1] if full_mask is not None else None
+    def call_for(q0: int, q1: int, full_mask: torch.Tensor | None, k_stop: int | None = None) -> AttnCall:
+        mask = full_mask[:, :, q0:q1, :k_stop] if full_mask is not None else None
         qv = engine.query_valid if engine is not None else None
         if qv is not None:
             start = q_offset + q0
@@ -166,17 +190,28 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
         chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k_len))
         outs, all_weights = [], []
         fm = float_mask()
+        # reuse the engine's buffers when no hook keeps what it is handed (never under autograd)
+        reuse = (engine is not None and query.dtype == torch.float32 and not torch.is_grad_enabled()
+                 and not any(_keeps(hk, layer) for hk in hooks if hk.needs(layer) & {"logits", "weights"}))
+        reuse_weights = reuse and not keep_weights
+        # read only, causal: each chunk stops at its last visible key (the upper triangle is never computed)
+        prefix = reuse and not with_output and causal and q_len > 1 and softcap is None
+        if prefix:
+            chunk = min(chunk, max(32, -(-q_len // 8)))
         for q0 in range(0, q_len, chunk):
             q1 = min(q_len, q0 + chunk)
-            call = call_for(q0, q1, fm)
+            kc = min(k_len, q_offset + q1) if prefix else k_len
+            call = call_for(q0, q1, fm, kc if kc < k_len else None)
             qc = q1 - q0
             mask = call.mask
             if softcap is None and mask is not None and mask.shape[0] * mask.shape[1] in (1, b * h):
                 # mask + scaling · Q Kᵀ in one GEMM per (batch, head): no [b, h, q, k] temporaries
-                logits = torch.baddbmm(mask.reshape(-1, qc, k_len), query[:, :, q0:q1].reshape(b * h, qc, -1),
-                                       k.reshape(b * h, k_len, -1).transpose(1, 2), alpha=scaling).view(b, h, qc, k_len)
+                out_buf = engine.scratch("logits", (b * h, qc, kc), query) if reuse else None
+                logits = torch.baddbmm(mask.reshape(-1, qc, kc), query[:, :, q0:q1].reshape(b * h, qc, -1),
+                                       k[:, :, :kc].reshape(b * h, kc, -1).transpose(1, 2), alpha=scaling,
+                                       out=out_buf).view(b, h, qc, kc)
             else:
-                logits = torch.matmul(query[:, :, q0:q1], k.transpose(2, 3)) * scaling
+                logits = torch.matmul(query[:, :, q0:q1], k[:, :, :kc].transpose(2, 3)) * scaling
                 if softcap is not None:
                     logits = torch.tanh(logits / softcap) * softcap
                 if mask is not None:
@@ -184,13 +219,16 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
             if "bias" in needs:
                 bias = _sum_bias(hooks, layer, call, query[:, :, q0:q1], k)
                 if bias is not None:
-                    logits = logits + bias
+                    logits = logits + bias[..., :kc]
             for hk in hooks:
                 if "logits" in hk.needs(layer):
                     new = hk.on_logits(layer, logits, call)
                     if new is not None:
                         logits = new
-            weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+            if reuse_weights and logits.dtype == torch.float32:
+                weights = torch.ops.aten._softmax.out(logits, -1, False, out=engine.scratch("weights", logits.shape, logits))
+            else:
+                weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
             call.logits = logits
             for hk in hooks:
                 if "weights" in hk.needs(layer):
@@ -237,6 +275,12 @@ def _mask_of(causal: bool, q_len: int, k_len: int, q_offset: int, dtype, device)
         kpos = torch.arange(k_len, device=device)[None, :]
         m = m.masked_fill(kpos > qpos, torch.finfo(dtype).min)
     return m[None, None]
+
+
+def _keeps(hook, layer: int) -> bool:
+    """Whether ``hook`` may keep the logits/weights it is handed (assumed unless it says otherwise)."""
+    keeps = getattr(hook, "keeps_tensors", None)
+    return True if keeps is None else bool(keeps(layer))
 
 
 def _sum_bias(hooks, layer, call, query, key):
