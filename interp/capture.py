@@ -22,6 +22,7 @@ import fnmatch
 import math
 import os
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -98,6 +99,7 @@ class Reducer:
     def start(self, batch: Batch) -> None:
         self._state: dict[int, dict] = {}
         self._batch = batch
+        self._mask_stats: dict[tuple, tuple] = {}
 
     def update(self, layer: int, weights: torch.Tensor, call: AttnCall) -> None:  # weights [b,h,qc,k]
         raise NotImplementedError
@@ -114,6 +116,16 @@ class Reducer:
             st[name] = torch.zeros(*chunk.shape[:2], T, *chunk.shape[3:], dtype=chunk.dtype)
         st[name][:, :, call.q_start:call.q_start + call.q_len] = chunk
 
+    def _per_mask(self, name: str, call: AttnCall, width: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A statistic of the mask and padding alone, which the layers of a forward usually share: computed
+        once per chunk, keyed by the identity of the (weakly referenced, so live) mask and padding tensors."""
+        bases = tuple(t if t is None or t._base is None else t._base for t in (call.mask, call.query_valid))
+        key = (name, *map(id, bases), call.q_start, call.q_len, width)
+        hit = self._mask_stats.get(key)
+        if hit is None or any((r is None) != (t is None) or (r is not None and r() is not t) for r, t in zip(hit[0], bases)):
+            hit = self._mask_stats[key] = (tuple(None if t is None else weakref.ref(t) for t in bases), compute())
+        return hit[1]
+
     @staticmethod
     def _valid(call: AttnCall, weights: torch.Tensor) -> torch.Tensor:
         """float [b,1,qc,1]: 1 for real queries."""
@@ -124,9 +136,9 @@ class Reducer:
     @staticmethod
     def _visible(call: AttnCall, weights: torch.Tensor) -> torch.Tensor:
         """bool [b,1|h,qc,k]: keys each query can see."""
-        if call.mask is None:
+        if call.visible is None:
             return torch.ones_like(weights[:, :1], dtype=torch.bool)
-        return call.mask > torch.finfo(call.mask.dtype).min / 2
+        return call.visible
 
 
 @dataclass
@@ -135,10 +147,11 @@ class KeyMass(Reducer):
 
     def update(self, layer, weights, call):
         w = weights.detach()
-        row = self._valid(call, w).transpose(2, 3)  # [b, 1, 1, qc]: the real queries
         kc = w.shape[-1]  # keys handed over (every later key is masked in this chunk)
+        row = self._per_mask("row", call, kc, lambda: self._valid(call, w).transpose(2, 3))  # [b,1,1,qc]: real queries
         mass = torch.matmul(row, w)[:, :, 0]  # Σ over real queries, without a [b,h,q,k] temporary
-        count = torch.matmul(row, self._visible(call, w).to(w.dtype))[:, :, 0]
+        # how many real queries see each key
+        count = self._per_mask("count", call, kc, lambda: torch.matmul(row, self._visible(call, w).to(w.dtype))[:, :, 0])
         s = self._state.get(layer)
         if s is None:
             s = self._state[layer] = {"sum": mass.new_zeros(*mass.shape[:2], call.k_len),
@@ -199,22 +212,22 @@ class Entropy(Reducer):
         if call.logits is not None:
             # H = log Z − Σ_k p_k z_k with log Z = z_max − log p_max: no log over [b, h, q, k]
             z = call.logits.detach().float()
-            zmax, at = z.max(-1, keepdim=True)
-            H = (zmax - torch.log(w.gather(-1, at)))[..., 0] - torch.linalg.vecdot(w, z)
+            # (softmax is monotonic, so p_max is the weight at z's argmax; two amax passes beat max + gather)
+            H = z.amax(-1) - torch.log(w.amax(-1)) - torch.linalg.vecdot(w, z)
         else:
             H = entropy(w)
-        nvis = self._visible(call, weights).sum(-1).to(H.dtype)
-        Hn = torch.where(nvis > 1, H / torch.log(nvis.clamp_min(2)), torch.zeros_like(H))
-        valid = self._valid(call, weights)[..., 0] > 0
-        H, Hn = torch.where(valid, H, 0.0), torch.where(valid, Hn, 0.0)  # padded rows may hold inf/nan
         self._rows(layer, "H", H, call)
-        self._rows(layer, "Hn", Hn, call)
+        nvis = self._per_mask("nvis", call, w.shape[-1], lambda: self._visible(call, w).sum(-1, dtype=H.dtype))
+        self._rows(layer, "nvis", nvis, call)
 
     def finish(self):
         out = {}
+        valid = self._batch.attention_mask.bool()[:, None, :]  # [b, 1, T]: padded queries never count
         for l, st in self._state.items():
-            out[f"blocks.{l}.attn.entropy"] = st["H"]
-            out[f"blocks.{l}.attn.entropy_norm"] = st["Hn"]
+            H, nvis = st["H"], st["nvis"]
+            Hn = torch.where(nvis > 1, H / torch.log(nvis.clamp_min(2)), 0.0)
+            out[f"blocks.{l}.attn.entropy"] = torch.where(valid, H, 0.0)  # padded rows may hold inf/nan
+            out[f"blocks.{l}.attn.entropy_norm"] = torch.where(valid, Hn, 0.0)
         return out
 
 
@@ -266,9 +279,16 @@ class _CaptureHook:
             out.add("z")
         return out
 
-    def keeps_tensors(self, layer: int) -> bool:
+    def keeps_tensors(self, layer: int) -> set[str]:
         """Patterns are kept as handed over (no copy); logits are copied; reducers keep only their folds."""
-        return self.grad or "attn.pattern" in self.by_layer.get(layer, ())
+        if self.grad:
+            return {"logits", "weights"}
+        return {"weights"} if "attn.pattern" in self.by_layer.get(layer, ()) else set()
+
+    def accepts_visible_prefix(self, layer: int) -> bool:
+        """Reducers and pattern chunks take rows that stop at the last visible key (the trace pads pattern
+        chunks with the zeros of the masked keys); captured logits need the full row."""
+        return not self.grad and "attn.logits" not in self.by_layer.get(layer, ())
 
     def _keep(self, name, t, copy: bool = True):
         """Keep a tensor. Attention tensors are fresh per call and never edited in place, so they are kept

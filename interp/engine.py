@@ -37,6 +37,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN_NAME = "interp"
 CHUNK_ELEMENTS = 2**24  # largest [b, h, q_chunk, k] block materialised at once (64 MiB in fp32)
+CAUSAL_CHUNKS = 8  # query chunks of a read-only causal call: each stops at its last visible key
 
 
 @dataclass
@@ -52,6 +53,12 @@ class AttnCall:
     query_valid: torch.Tensor | None  # bool [b, q] for this chunk (False at padding), or None
     logits: torch.Tensor | None = None  # [b, h, q, k] logits the weights are the softmax of (eager path, unedited weights)
 
+    @functools.cached_property
+    def visible(self) -> torch.Tensor | None:
+        """bool [b, 1, q, k]: the keys each query of the chunk can see (None: every key), computed once
+        for all the hooks of the call."""
+        return None if self.mask is None else self.mask > torch.finfo(self.mask.dtype).min / 2
+
     @property
     def q_positions(self) -> torch.Tensor:
         return torch.arange(self.q_start, self.q_start + self.q_len)
@@ -60,15 +67,16 @@ class AttnCall:
 class AttentionHook(Protocol):
     """What capture reducers and patch ops implement. Each ``on_*`` returns a replacement or None.
     A hook with ``read_only = True`` promises never to return a replacement from ``on_logits`` or
-    ``on_weights``. ``keeps_tensors(layer)`` says whether it keeps a reference to the logits or weights
-    it is handed after the call returns (assumed when the method is absent). If every hook at a layer
-    keeps nothing, the engine reuses their memory, and on the read-only path of a causal model it
-    hands over only the first ``weights.shape[-1]`` keys of a chunk: every later key is masked for
-    every query of the chunk (its weight is 0)."""
+    ``on_weights``. ``keeps_tensors(layer)`` names what it keeps a reference to after the call returns,
+    a subset of {"logits", "weights"} (both, when the method is absent); the engine reuses the memory of
+    what no hook keeps. On the read-only path of a causal model, if every hook has
+    ``accepts_visible_prefix(layer)`` true, a chunk's logits/weights stop at its last visible key
+    (``weights.shape[-1]`` ≤ ``k_len``; every later key is masked for every query of the chunk)."""
 
     read_only: bool
 
-    def keeps_tensors(self, layer: int) -> bool: ...
+    def keeps_tensors(self, layer: int) -> set[str]: ...
+    def accepts_visible_prefix(self, layer: int) -> bool: ...
 
     def needs(self, layer: int) -> set[str]:
         """Subset of {"bias", "logits", "weights", "z"} this hook touches at ``layer``."""
@@ -190,14 +198,21 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
         chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k_len))
         outs, all_weights = [], []
         fm = float_mask()
-        # reuse the engine's buffers when no hook keeps what it is handed (never under autograd)
-        reuse = (engine is not None and query.dtype == torch.float32 and not torch.is_grad_enabled()
-                 and not any(_keeps(hk, layer) for hk in hooks if hk.needs(layer) & {"logits", "weights"}))
-        reuse_weights = reuse and not keep_weights
+        # reuse the engine's buffers for what no hook keeps (never under autograd)
+        hook_needs = [(hk, hk.needs(layer)) for hk in hooks]
+        on_logits = [hk for hk, n in hook_needs if "logits" in n]
+        on_weights = [hk for hk, n in hook_needs if "weights" in n]
+        readers = [hk for hk, n in hook_needs if n & {"logits", "weights"}]
+        kept = set().union(*(_keeps(hk, layer) for hk in readers))
+        reuse = engine is not None and query.dtype == torch.float32 and not torch.is_grad_enabled()
+        reuse_logits = reuse and "logits" not in kept
+        reuse_weights = reuse and "weights" not in kept and not keep_weights
         # read only, causal: each chunk stops at its last visible key (the upper triangle is never computed)
-        prefix = reuse and not with_output and causal and q_len > 1 and softcap is None
+        prefix = (reuse and not with_output and causal and q_len > 1 and softcap is None and not keep_weights
+                  and all(getattr(hk, "accepts_visible_prefix", lambda _: False)(layer) for hk in readers))
         if prefix:
-            chunk = min(chunk, max(32, -(-q_len // 8)))
+            chunk = min(chunk, max(32, -(-q_len // CAUSAL_CHUNKS)))
+        q_flat = k_flat_t = None
         for q0 in range(0, q_len, chunk):
             q1 = min(q_len, q0 + chunk)
             kc = min(k_len, q_offset + q1) if prefix else k_len
@@ -206,9 +221,11 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
             mask = call.mask
             if softcap is None and mask is not None and mask.shape[0] * mask.shape[1] in (1, b * h):
                 # mask + scaling · Q Kᵀ in one GEMM per (batch, head): no [b, h, q, k] temporaries
-                out_buf = engine.scratch("logits", (b * h, qc, kc), query) if reuse else None
-                logits = torch.baddbmm(mask.reshape(-1, qc, kc), query[:, :, q0:q1].reshape(b * h, qc, -1),
-                                       k[:, :, :kc].reshape(b * h, kc, -1).transpose(1, 2), alpha=scaling,
+                out_buf = engine.scratch("logits", (b * h, qc, kc), query) if reuse_logits else None
+                if q_flat is None:  # [b·h, q, d] and [b·h, d, k] once per call; chunks are views of them
+                    q_flat, k_flat_t = query.reshape(b * h, q_len, -1), k.reshape(b * h, k_len, -1).transpose(1, 2)
+                m3 = mask[0] if mask.shape[0] * mask.shape[1] == 1 else mask.reshape(-1, qc, kc)  # [1|b·h, q, k]
+                logits = torch.baddbmm(m3, q_flat[:, q0:q1], k_flat_t[:, :, :kc], alpha=scaling,
                                        out=out_buf).view(b, h, qc, kc)
             else:
                 logits = torch.matmul(query[:, :, q0:q1], k[:, :, :kc].transpose(2, 3)) * scaling
@@ -220,21 +237,19 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
                 bias = _sum_bias(hooks, layer, call, query[:, :, q0:q1], k)
                 if bias is not None:
                     logits = logits + bias[..., :kc]
-            for hk in hooks:
-                if "logits" in hk.needs(layer):
-                    new = hk.on_logits(layer, logits, call)
-                    if new is not None:
-                        logits = new
+            for hk in on_logits:
+                new = hk.on_logits(layer, logits, call)
+                if new is not None:
+                    logits = new
             if reuse_weights and logits.dtype == torch.float32:
                 weights = torch.ops.aten._softmax.out(logits, -1, False, out=engine.scratch("weights", logits.shape, logits))
             else:
                 weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
             call.logits = logits
-            for hk in hooks:
-                if "weights" in hk.needs(layer):
-                    new = hk.on_weights(layer, weights, call)
-                    if new is not None:
-                        weights, call.logits = new, None
+            for hk in on_weights:
+                new = hk.on_weights(layer, weights, call)
+                if new is not None:
+                    weights, call.logits = new, None
             if keep_weights:
                 all_weights.append(weights)
             if not with_output:
@@ -277,10 +292,10 @@ def _mask_of(causal: bool, q_len: int, k_len: int, q_offset: int, dtype, device)
     return m[None, None]
 
 
-def _keeps(hook, layer: int) -> bool:
-    """Whether ``hook`` may keep the logits/weights it is handed (assumed unless it says otherwise)."""
+def _keeps(hook, layer: int) -> set[str]:
+    """What of the logits/weights ``hook`` may keep after the call (both, unless it says otherwise)."""
     keeps = getattr(hook, "keeps_tensors", None)
-    return True if keeps is None else bool(keeps(layer))
+    return {"logits", "weights"} if keeps is None else set(keeps(layer))
 
 
 def _sum_bias(hooks, layer, call, query, key):

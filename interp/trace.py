@@ -141,9 +141,14 @@ class Trace:
 
 
 def _cat(parts: list[torch.Tensor], name: str) -> torch.Tensor:
+    """Join query chunks. Pattern chunks of a causal model may stop at their last visible key (the engine
+    never computes the masked upper triangle): they are padded with the zeros of the masked keys."""
+    kind = split_site(name)[1]
+    width = max(p.shape[-1] for p in parts)
+    if kind == "attn.pattern" and any(p.shape[-1] < width for p in parts):
+        parts = [torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts]
     if len(parts) == 1:
         return parts[0]
-    kind = split_site(name)[1]
     axes = AXES.get(kind, ())
     dim = axes.index("query") if "query" in axes else 1
     return torch.cat(parts, dim=dim)

@@ -105,16 +105,19 @@ def test_reducers_equal_statistics_of_full_patterns_with_padding(smol):
             assert tr[f"blocks.{l}.attn.entropy"][i, :, n:].abs().sum() == 0
 
 
-def test_reducer_only_capture_equals_reducers_beside_full_patterns(smol):
-    """Reducers alone take the engine's fast path (reused buffers; causal chunks stop at their last visible
-    key, so the first chunks are narrower than k); beside a pattern capture they see full-width rows."""
+def test_reducer_only_capture_equals_reducers_beside_full_rows(smol):
+    """Reducers (and patterns) take the engine's fast path: reused buffers, and causal chunks that stop at
+    their last visible key, so the first chunks are narrower than k. Beside a logits capture every chunk
+    has full-width rows."""
     prompts = ["The quick brown fox jumps over the lazy dog, " * 7, "Water boils at one hundred degrees Celsius."]
     batch = smol.encode(prompts, roles={"subject": [1, 2]})
     assert batch.input_ids.shape[1] > 64 and batch.attention_mask[1].sum() < batch.input_ids.shape[1]
     reducers = lambda: [KeyMass(), Entropy(), TopK(40), RoleMass("subject"), QueryRow()]  # noqa: E731
-    fast = interp.capture(smol, batch, reducers=reducers(), layers=[0, 15, 29])
-    ref = interp.capture(smol, batch, reducers=reducers(), sites="blocks.*.attn.pattern", layers=[0, 15, 29])
-    assert not any(k.endswith("attn.pattern") for k in fast.keys())
+    fast = interp.capture(smol, batch, reducers=reducers(), sites="blocks.*.attn.pattern", layers=[0, 15, 29])
+    ref = interp.capture(smol, batch, reducers=reducers(), sites=["blocks.*.attn.pattern", "blocks.*.attn.logits"],
+                         layers=[0, 15, 29])
+    assert isinstance(fast._values["blocks.0.attn.pattern"], list)  # narrow chunks, padded on access
+    assert fast._values["blocks.0.attn.pattern"][0].shape[-1] < batch.input_ids.shape[1]
     for k in fast.keys():
         if k.endswith("topk_idx"):  # ties among zero weights may order differently
             val = ref[k.replace("idx", "val")]
