@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .diffusion import masked_diffusion_loss
 from .scenes import COLOURS, COUNT_WORDS, N_PATCHES, QUESTION_TYPES, SHAPES, WHERE_WORDS, make_scene, scene_seed
-from .vocab import BOS, EOS, IMAGE, MASK, PAD, VOCAB, build_tokenizer
+from .vocab import BOS, EOS, IMAGE, MASK, PAD, VOCAB, WORDS, build_tokenizer
 
 GEN_LEN = 3  # answer region of the diffusion model (answer + <eos> padding)
 IMAGE_MEAN = [0.5, 0.5, 0.5]
@@ -259,6 +259,36 @@ def make_batch(scenes, kind: str, rng: random.Random, gen: torch.Generator, pack
     return out
 
 
+def make_text_batch(rng: random.Random, batch_size: int, min_len: int = 4, max_len: int = 16) -> dict:
+    """Text-only copy sequences ``<bos> w1..wn w1..wn <eos>`` over the word vocabulary; the loss is on the
+    repeat (``--text-weight``/``--text-steps``): like the text-only data LLaVA's LM saw, a skill that needs
+    heads which read text, not the image."""
+    words = [TOK[w] for w in WORDS]
+    seqs, tgts = [], []
+    for _ in range(batch_size):
+        n = rng.randint(min_len, max_len)
+        w = [rng.choice(words) for _ in range(n)]
+        ids = [TOK[BOS]] + w + w + [TOK[EOS]]
+        t = [-100] * (n + 1) + w + [TOK[EOS]]  # target of position p is ids[p]; loss on the repeat
+        seqs.append(ids)
+        tgts.append(t)
+    L = max(len(x) for x in seqs)
+    ids = torch.full((batch_size, L), TOK[PAD], dtype=torch.long)
+    am = torch.zeros((batch_size, L), dtype=torch.long)
+    tg = torch.full((batch_size, L), -100, dtype=torch.long)
+    for i, (x, t) in enumerate(zip(seqs, tgts)):
+        ids[i, : len(x)] = torch.tensor(x)
+        am[i, : len(x)] = 1
+        tg[i, : len(t) - 1] = torch.tensor(t[1:])  # logits at p predict ids[p+1]
+    return {"input_ids": ids, "attention_mask": am, "targets": tg}
+
+
+def text_loss(model, batch) -> torch.Tensor:
+    h = model.model.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = model.lm_head(h)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1), ignore_index=-100)
+
+
 def compute_loss(model, batch, kind: str):
     logits = model(
         input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
@@ -355,10 +385,31 @@ def vision_warmup(model, steps: int, batch_size: int, seed: int, lr: float, patc
                 f"{msg} ({time.time() - t0:.0f}s)")
 
 
+def text_pretrain(model, steps: int, batch_size: int, seed: int, lr: float, log=print) -> None:
+    """Stage 0: the LM alone on text-only copy sequences (the LM of a real LLaVA comes pretrained on text)."""
+    params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    rng = random.Random(seed + 5)
+    t0 = time.time()
+    for step in range(steps):
+        b = make_text_batch(rng, batch_size)
+        lr_t = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr_t
+        loss = text_loss(model, b)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"[text] step {step:4d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+
+
 # ---------------------------------------------------------------------- main loop
 def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_steps: int = 600,
           batch_size: int = 32, single_batch_size: int = 96, single_frac: float = 0.0, lr: float = 3e-3,
-          quadrant_head: bool = False, init_from: str | None = None, warmup: int = 100, eval_every: int = 500, eval_n: int = 200, test_n: int = 1000, threads: int = 1,
+          quadrant_head: bool = False, init_from: str | None = None, text_steps: int = 0, text_weight: float = 0.0,
+          text_batch_size: int = 64, warmup: int = 100, eval_every: int = 500, eval_n: int = 200, test_n: int = 1000, threads: int = 1,
           log=print) -> dict:
     from . import evaluate_accuracy
     from .scenes import make_dataset
@@ -381,6 +432,8 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
         del src
         log(f"initialised all weights from {init_from}")
     model.train()
+    if text_steps > 0:
+        text_pretrain(model, text_steps, text_batch_size, seed, lr, log=log)
     if vision_steps > 0:
         vision_warmup(model, vision_steps, 64, seed, lr, quadrant_head=quadrant_head, log=log)
 
@@ -402,6 +455,8 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
         for g in opt.param_groups:
             g["lr"] = lr_t
         loss = compute_loss(model, batch, kind)
+        if text_weight > 0:
+            loss = loss + text_weight * text_loss(model, make_text_batch(rng, text_batch_size))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -424,7 +479,7 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
     meta["training"] = {
         "command": f"python -m interp.testbed.train --model {kind} --out {out} --seed {seed}",
         "seed": seed, "steps": steps, "vision_steps": vision_steps, "batch_size": batch_size,
-        "single_batch_size": single_batch_size, "single_frac": single_frac, "quadrant_head": quadrant_head, "init_from": init_from, "lr": lr, "threads": threads,
+        "single_batch_size": single_batch_size, "text_steps": text_steps, "text_weight": text_weight, "single_frac": single_frac, "quadrant_head": quadrant_head, "init_from": init_from, "lr": lr, "threads": threads,
         "n_params": n_params, "train_wall_time_s": round(train_time, 1),
         "test_accuracy": {k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in acc.items()},
         "test_split": f"make_dataset({test_n}, seed={seed}, split='test')",
@@ -461,6 +516,8 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--test-n", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--text-steps", type=int, default=0, help="LM-only pretraining steps on text copy sequences")
+    ap.add_argument("--text-weight", type=float, default=0.0, help="weight of a text-only copy loss mixed into every main step")
     ap.add_argument("--text-heads", type=int, default=None, help="attention heads per LM layer (default 4)")
     a = ap.parse_args(argv)
     if a.text_heads:
@@ -470,7 +527,7 @@ def main(argv=None):
         v = getattr(a, key)
         if v is not None:
             cfg[key] = bool(v) if key == "quadrant_head" else v
-    train(a.model, a.out, seed=a.seed, lr=a.lr, init_from=a.init_from, eval_every=a.eval_every, test_n=a.test_n, threads=a.threads,
+    train(a.model, a.out, seed=a.seed, lr=a.lr, init_from=a.init_from, text_steps=a.text_steps, text_weight=a.text_weight, eval_every=a.eval_every, test_n=a.test_n, threads=a.threads,
           log=lambda s: print(s, flush=True), **cfg)
 
 
