@@ -196,3 +196,18 @@ def test_diffusion_generate_trace(dif):
     x2 = diffusion_generate(model, ids, px, gen_len=meta["gen_len"], steps=meta["gen_len"],
                             block_len=meta["gen_len"], mask_id=meta["mask_token_id"])
     assert x2.shape == x.shape
+
+
+def test_text_copy_batch_targets_the_repeat():
+    """The text-only copy task (train.py --text-steps/--text-weight): the loss falls on the second copy only,
+    and the logits at p are scored against the token at p + 1."""
+    from interp.testbed.train import TOK, make_text_batch
+    b = make_text_batch(random.Random(0), 8)
+    for ids, am, tg in zip(b["input_ids"], b["attention_mask"], b["targets"]):
+        n_tok = int(am.sum())
+        n = (n_tok - 2) // 2  # <bos> w*n w*n <eos>
+        seq = ids[:n_tok].tolist()
+        assert seq[0] == TOK["<bos>"] and seq[-1] == TOK["<eos>"] and seq[1:n + 1] == seq[n + 1:2 * n + 1]
+        scored = (tg != -100).nonzero()[:, 0].tolist()
+        assert scored == list(range(n, 2 * n + 1))  # predicts the repeat and <eos>
+        assert all(tg[p] == ids[p + 1] for p in scored)
