@@ -127,8 +127,8 @@ class _SpecHook:
     def needs(self, layer):
         return {k for e, k, _ in self.by_layer.get(layer, ()) if k != "resid" and self._active(e)}
 
-    def keeps_tensors(self, layer: int) -> bool:
-        return False  # edits return new tensors and keep nothing
+    def keeps_tensors(self, layer: int) -> set[str]:
+        return set()  # edits return new tensors and keep nothing
 
     def logit_bias(self, layer, call: AttnCall, q, k):
         b = q.shape[0]
