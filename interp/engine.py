@@ -10,8 +10,8 @@ attention call it asks the active hooks what they need at that layer:
 * logits or weights, read only (capture of patterns, reducers; no autograd) -> the output still
   comes from SDPA, so a capture never changes what the model computes, and the weights the hooks
   read come from the eager formula, in query chunks when the [b, h, q, k] block would be large;
-  when no hook keeps what it is handed (reducers), a causal model's chunks stop at their last
-  visible key, so the masked upper triangle is never computed;
+  when every hook takes rows cut at the last visible key (capture does, unless it keeps logits), a
+  causal model's chunks stop there, so the masked upper triangle is never computed;
 * logits or weights edited (weight edits), or gradients through the pattern -> the eager formula
   gives the output too, in the same chunks, so memory stays linear in length.
 
