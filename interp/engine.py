@@ -212,6 +212,9 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
                   and all(getattr(hk, "accepts_visible_prefix", lambda _: False)(layer) for hk in readers))
         if prefix:
             chunk = min(chunk, max(32, -(-q_len // CAUSAL_CHUNKS)))
+        for name, used in (("logits", reuse_logits), ("weights", reuse_weights)):
+            if used:  # the widest chunk's size at once: growing chunk by chunk would fragment the heap
+                engine.scratch(name, (b * h * min(chunk, q_len) * k_len,), query)
         q_flat = k_flat_t = None
         for q0 in range(0, q_len, chunk):
             q1 = min(q_len, q0 + chunk)
