@@ -385,6 +385,11 @@ def vision_warmup(model, steps: int, batch_size: int, seed: int, lr: float, patc
                 f"{msg} ({time.time() - t0:.0f}s)")
 
 
+def warmup_cosine(lr: float, step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 5 % of ``lr``."""
+    return lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
 def text_pretrain(model, steps: int, batch_size: int, seed: int, lr: float, log=print) -> None:
     """Stage 0: the LM alone on text-only copy sequences (the LM of a real LLaVA comes pretrained on text)."""
     params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
@@ -393,7 +398,7 @@ def text_pretrain(model, steps: int, batch_size: int, seed: int, lr: float, log=
     t0 = time.time()
     for step in range(steps):
         b = make_text_batch(rng, batch_size)
-        lr_t = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr_t = warmup_cosine(lr, step, steps, warmup=50)
         for g in opt.param_groups:
             g["lr"] = lr_t
         loss = text_loss(model, b)
@@ -451,7 +456,7 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
         scenes = [make_scene(scene_seed(k + j, seed, "train")) for j in range(bs)]
         k += bs
         batch = make_batch(scenes, kind, rng, gen, packed=packed)
-        lr_t = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr_t = warmup_cosine(lr, step, steps, warmup)
         for g in opt.param_groups:
             g["lr"] = lr_t
         loss = compute_loss(model, batch, kind)
@@ -477,7 +482,8 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
         + f" overall={acc['overall']:.3f}  n={acc['n']}")
     log(f"train wall time {train_time:.0f}s, total {time.time() - t_start:.0f}s")
     meta["training"] = {
-        "command": f"python -m interp.testbed.train --model {kind} --out {out} --seed {seed}",
+        "command": f"python -m interp.testbed.train --model {kind} --out {out} --seed {seed}"
+                   + (f" --text-steps {text_steps} --text-weight {text_weight}" if text_steps or text_weight else ""),
         "seed": seed, "steps": steps, "vision_steps": vision_steps, "batch_size": batch_size,
         "single_batch_size": single_batch_size, "text_steps": text_steps, "text_weight": text_weight, "single_frac": single_frac, "quadrant_head": quadrant_head, "init_from": init_from, "lr": lr, "threads": threads,
         "n_params": n_params, "train_wall_time_s": round(train_time, 1),
