@@ -209,7 +209,9 @@ class Entropy(Reducer):
 
     def update(self, layer, weights, call):
         w = weights.detach().float()
-        if call.logits is not None:
+        if call.logits is not None and call.lse is not None:  # H = log Z − Σ_k p_k z_k, log Z from the kernel
+            H = call.lse.float() - torch.linalg.vecdot(w, call.logits.detach().float())
+        elif call.logits is not None:
             # H = log Z − Σ_k p_k z_k with log Z = z_max − log p_max: no log over [b, h, q, k]
             z = call.logits.detach().float()
             # (softmax is monotonic, so p_max is the weight at z's argmax; two amax passes beat max + gather)

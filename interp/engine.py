@@ -11,7 +11,9 @@ attention call it asks the active hooks what they need at that layer:
   comes from SDPA, so a capture never changes what the model computes, and the weights the hooks
   read come from the eager formula, in query chunks when the [b, h, q, k] block would be large;
   when every hook takes rows cut at the last visible key (capture does, unless it keeps logits), a
-  causal model's chunks stop there, so the masked upper triangle is never computed;
+  causal model's chunks stop there, so the masked upper triangle is never computed; for a plain causal
+  call on the CPU the engine calls SDPA's flash kernel itself, which gives the same output and each
+  row's log-sum-exp (``AttnCall.lse``: entropy then needs no max pass);
 * logits or weights edited (weight edits), or gradients through the pattern -> the eager formula
   gives the output too, in the same chunks, so memory stays linear in length.
 
@@ -52,6 +54,7 @@ class AttnCall:
     mask: torch.Tensor | None  # additive float mask for this chunk, [b, 1, q, k], or None
     query_valid: torch.Tensor | None  # bool [b, q] for this chunk (False at padding), or None
     logits: torch.Tensor | None = None  # [b, h, q, k] logits the weights are the softmax of (eager path, unedited weights)
+    lse: torch.Tensor | None = None  # [b, h, q] log Σ_k exp(logits), from the SDPA kernel, when it gave it
 
     @functools.cached_property
     def visible(self) -> torch.Tensor | None:
@@ -191,9 +194,10 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
             out = _apply_z(hooks, layer, out, call_for(0, q_len, None), repeat_kv(value, h // value.shape[1]), None)
         return out
 
-    def eager(with_output: bool):
+    def eager(with_output: bool, lse: torch.Tensor | None = None):
         """The eager formula in query chunks (memory linear in length), calling the hooks on logits,
-        weights and, ``with_output``, head outputs. Returns (output or None, weights if asked for)."""
+        weights and, ``with_output``, head outputs. Returns (output or None, weights if asked for).
+        ``lse`` [b, h, q]: the rows' log-sum-exp from the SDPA kernel, handed to the hooks with each chunk."""
         k, v = repeat_kv(key, h // key.shape[1]), repeat_kv(value, h // value.shape[1])
         chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k_len))
         outs, all_weights = [], []
@@ -244,15 +248,18 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
                 new = hk.on_logits(layer, logits, call)
                 if new is not None:
                     logits = new
+            # (a softmax, not exp(z − lse): ATen's exp leaves its vector path for masked or tiny entries)
             if reuse_weights and logits.dtype == torch.float32:
                 weights = torch.ops.aten._softmax.out(logits, -1, False, out=engine.scratch("weights", logits.shape, logits))
             else:
                 weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
             call.logits = logits
+            if lse is not None:
+                call.lse = lse[:, :, q0:q1]
             for hk in on_weights:
                 new = hk.on_weights(layer, weights, call)
                 if new is not None:
-                    weights, call.logits = new, None
+                    weights, call.logits, call.lse = new, None, None
             if keep_weights:
                 all_weights.append(weights)
             if not with_output:
@@ -275,6 +282,18 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
         # The hooks only read logits/weights: the output comes from the same SDPA call as an idle engine
         # (so a capture never changes what the model computes); the weights, for the hooks, from the
         # eager formula. Under autograd the eager output is used, so gradients reach the weights.
+        if (attention_mask is None and causal and q_len == k_len and q_len > 1 and "bias" not in needs
+                and query.device.type == "cpu" and query.dtype == torch.float32 and engine is not None
+                and key.shape[-1] == value.shape[-1] and not (dropout and module.training)
+                and kwargs.get("position_bias") is None):
+            # a plain causal call on the CPU: HF's SDPA call runs this flash kernel; calling it directly gives
+            # the same output and each row's log-sum-exp, which the hooks get (entropy needs no max pass)
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, 0.0, True, scale=scaling)
+            out = out.transpose(1, 2).contiguous()
+            if "z" in needs:
+                out = _apply_z(hooks, layer, out, call_for(0, q_len, None), repeat_kv(value, h // value.shape[1]), None)
+            return out, eager(with_output=False, lse=lse)[1]
         return sdpa(), eager(with_output=False)[1]
     return eager(with_output=True)
 

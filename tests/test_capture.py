@@ -126,6 +126,32 @@ def test_reducer_only_capture_equals_reducers_beside_full_rows(smol):
             assert fast[k].shape == ref[k].shape and (fast[k] - ref[k]).abs().max() <= 1e-5, k
 
 
+def test_unpadded_reducer_capture_reads_the_kernels_log_sum_exp(smol):
+    """One unpadded causal prompt: the engine calls SDPA's CPU flash kernel itself, so the output is bit-identical
+    to the idle model's, and Entropy uses the kernel's log-sum-exp (no max pass): it still equals the entropy of
+    HF eager's attentions."""
+    seen = []
+
+    class Spy(KeyMass):
+        def update(self, layer, weights, call):
+            seen.append(call.lse is not None and call.lse.shape == weights.shape[:3])
+            super().update(layer, weights, call)
+
+    batch = smol.encode("The quick brown fox jumps over the lazy dog, " * 6)
+    with torch.no_grad():
+        idle = copy.deepcopy(smol.hf)(**batch.model_inputs()).logits
+        ref = hf_eager(smol)(**batch.model_inputs(), output_attentions=True).attentions
+    tr = interp.capture(smol, batch, reducers=[Spy(), Entropy()], sites="logits")
+    assert seen and all(seen)
+    assert torch.equal(tr["logits"], idle)
+    for l in range(smol.n_layers):
+        a = ref[l]
+        H = -(a * a.clamp_min(1e-30).log()).sum(-1)
+        assert (tr[f"blocks.{l}.attn.entropy"] - H).abs().max() <= 1e-5, l
+        mass = a.sum(2)  # up to ~20 on the first token: relative error
+        assert ((tr[f"blocks.{l}.attn.key_mass"] - mass).abs() / mass.clamp_min(1)).max() <= 1e-5, l
+
+
 def test_reducers_chunked_equal_unchunked(smol, monkeypatch):
     from interp import engine
     batch = smol.encode(PROMPT)
