@@ -116,15 +116,22 @@ class Reducer:
             st[name] = torch.zeros(*chunk.shape[:2], T, *chunk.shape[3:], dtype=chunk.dtype)
         st[name][:, :, call.q_start:call.q_start + call.q_len] = chunk
 
-    def _per_mask(self, name: str, call: AttnCall, width: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _per_mask(self, name: str, call: AttnCall, width: int | None, compute: Callable[[], object]):
         """A statistic of the mask and padding alone, which the layers of a forward usually share: computed
-        once per chunk, keyed by the identity of the (weakly referenced, so live) mask and padding tensors."""
+        once per chunk (``width`` None: once per call), keyed by the identity of the (weakly referenced, so
+        live) mask and padding tensors."""
         bases = tuple(t if t is None or t._base is None else t._base for t in (call.mask, call.query_valid))
-        key = (name, *map(id, bases), call.q_start, call.q_len, width)
+        key = (name, *map(id, bases)) + ((call.k_len,) if width is None else (call.q_start, call.q_len, width))
         hit = self._mask_stats.get(key)
         if hit is None or any((r is None) != (t is None) or (r is not None and r() is not t) for r, t in zip(hit[0], bases)):
             hit = self._mask_stats[key] = (tuple(None if t is None else weakref.ref(t) for t in bases), compute())
         return hit[1]
+
+    def _shared(self, name: str, call: AttnCall, layer: int, make: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """A per-layer state tensor that depends on the mask and padding alone: layers that run with the same
+        mask share one, and only the first of them (the owner: second value True) fills it in."""
+        owner, t = self._per_mask(name, call, None, lambda: (layer, make()))
+        return t, owner == layer
 
     @staticmethod
     def _valid(call: AttnCall, weights: torch.Tensor) -> torch.Tensor:
@@ -150,14 +157,13 @@ class KeyMass(Reducer):
         kc = w.shape[-1]  # keys handed over (every later key is masked in this chunk)
         row = self._per_mask("row", call, kc, lambda: self._valid(call, w).transpose(2, 3))  # [b,1,1,qc]: real queries
         mass = torch.matmul(row, w)[:, :, 0]  # Σ over real queries, without a [b,h,q,k] temporary
-        # how many real queries see each key
-        count = self._per_mask("count", call, kc, lambda: torch.matmul(row, self._visible(call, w).to(w.dtype))[:, :, 0])
         s = self._state.get(layer)
         if s is None:
-            s = self._state[layer] = {"sum": mass.new_zeros(*mass.shape[:2], call.k_len),
-                                      "count": count.new_zeros(*count.shape[:2], call.k_len)}
+            count, owner = self._shared("count", call, layer, lambda: w.new_zeros(w.shape[0], 1, call.k_len))
+            s = self._state[layer] = {"sum": mass.new_zeros(*mass.shape[:2], call.k_len), "count": count, "owner": owner}
         s["sum"][..., :kc] += mass
-        s["count"][..., :kc] += count
+        if s["owner"]:  # how many real queries see each key
+            s["count"][..., :kc] += torch.matmul(row, self._visible(call, w).to(w.dtype))[:, :, 0]
 
     def finish(self):
         out = {}
@@ -219,8 +225,12 @@ class Entropy(Reducer):
         else:
             H = entropy(w)
         self._rows(layer, "H", H, call)
-        nvis = self._per_mask("nvis", call, w.shape[-1], lambda: self._visible(call, w).sum(-1, dtype=H.dtype))
-        self._rows(layer, "nvis", nvis, call)
+        st = self._state[layer]
+        if "nvis" not in st:  # [b, 1, T] visible keys per query
+            T = self._batch.input_ids.shape[1]
+            st["nvis"], st["owner"] = self._shared("nvis", call, layer, lambda: H.new_zeros(H.shape[0], 1, T))
+        if st["owner"]:
+            st["nvis"][:, :, call.q_start:call.q_start + call.q_len] = self._visible(call, w).sum(-1, dtype=H.dtype)
 
     def finish(self):
         out = {}
