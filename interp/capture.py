@@ -411,7 +411,7 @@ def capture(model, inputs, sites=None, reducers: Sequence[Reducer] = (), *, laye
                 handles.append(ad.mlp[l].register_forward_hook(keep(n), with_kwargs=True))
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx, model.engine.running(batch), model.engine.using(hook):
-            out = model.hf(**batch.model_inputs())
+            out = model.hf(**batch.model_inputs(), use_cache=False)  # a capture never continues: no KV cache to hold
         values: dict = {}
         for n in names:  # keep the requested order
             if n in hook.store:
