@@ -414,7 +414,7 @@ def text_pretrain(model, steps: int, batch_size: int, seed: int, lr: float, log=
 def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_steps: int = 600,
           batch_size: int = 32, single_batch_size: int = 96, single_frac: float = 0.0, lr: float = 3e-3,
           quadrant_head: bool = False, init_from: str | None = None, text_steps: int = 0, text_weight: float = 0.0,
-          text_batch_size: int = 64, warmup: int = 100, eval_every: int = 500, eval_n: int = 200, test_n: int = 1000, threads: int = 1,
+          weight_decay: float = 0.01, text_batch_size: int = 64, warmup: int = 100, eval_every: int = 500, eval_n: int = 200, test_n: int = 1000, threads: int = 1,
           log=print) -> dict:
     from . import evaluate_accuracy
     from .scenes import make_dataset
@@ -442,7 +442,7 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
     if vision_steps > 0:
         vision_warmup(model, vision_steps, 64, seed, lr, quadrant_head=quadrant_head, log=log)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     rng = random.Random(seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)
     val = make_dataset(eval_n, seed, "val")
@@ -483,9 +483,10 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
     log(f"train wall time {train_time:.0f}s, total {time.time() - t_start:.0f}s")
     meta["training"] = {
         "command": f"python -m interp.testbed.train --model {kind} --out {out} --seed {seed}"
-                   + (f" --text-steps {text_steps} --text-weight {text_weight}" if text_steps or text_weight else ""),
+                   + (f" --text-steps {text_steps} --text-weight {text_weight}" if text_steps or text_weight else "")
+                   + (f" --weight-decay {weight_decay}" if weight_decay != 0.01 else ""),
         "seed": seed, "steps": steps, "vision_steps": vision_steps, "batch_size": batch_size,
-        "single_batch_size": single_batch_size, "text_steps": text_steps, "text_weight": text_weight, "single_frac": single_frac, "quadrant_head": quadrant_head, "init_from": init_from, "lr": lr, "threads": threads,
+        "single_batch_size": single_batch_size, "text_steps": text_steps, "text_weight": text_weight, "weight_decay": weight_decay, "single_frac": single_frac, "quadrant_head": quadrant_head, "init_from": init_from, "lr": lr, "threads": threads,
         "n_params": n_params, "train_wall_time_s": round(train_time, 1),
         "test_accuracy": {k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in acc.items()},
         "test_split": f"make_dataset({test_n}, seed={seed}, split='test')",
@@ -525,6 +526,7 @@ def main(argv=None):
     ap.add_argument("--text-steps", type=int, default=0, help="LM-only pretraining steps on text copy sequences")
     ap.add_argument("--text-weight", type=float, default=0.0, help="weight of a text-only copy loss mixed into every main step")
     ap.add_argument("--text-heads", type=int, default=None, help="attention heads per LM layer (default 4)")
+    ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the main stage")
     a = ap.parse_args(argv)
     if a.text_heads:
         MODEL_DIMS["text_heads"] = MODEL_DIMS["text_kv_heads"] = a.text_heads
@@ -533,7 +535,7 @@ def main(argv=None):
         v = getattr(a, key)
         if v is not None:
             cfg[key] = bool(v) if key == "quadrant_head" else v
-    train(a.model, a.out, seed=a.seed, lr=a.lr, init_from=a.init_from, text_steps=a.text_steps, text_weight=a.text_weight, eval_every=a.eval_every, test_n=a.test_n, threads=a.threads,
+    train(a.model, a.out, seed=a.seed, lr=a.lr, init_from=a.init_from, text_steps=a.text_steps, text_weight=a.text_weight, weight_decay=a.weight_decay, eval_every=a.eval_every, test_n=a.test_n, threads=a.threads,
           log=lambda s: print(s, flush=True), **cfg)
 
 
