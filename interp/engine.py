@@ -178,21 +178,31 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
 
     hooks = engine.hooks if engine is not None else []
 
-    def sdpa():
-        """SDPA with the hooks' logit biases in the float mask, then the hooks' head-output edits."""
-        mask = attention_mask  # None / bool / float, as HF built it: SDPA takes each
-        if "bias" in needs:
-            fm = float_mask()
-            bias = _sum_bias(hooks, layer, call_for(0, q_len, fm), query, key)
-            if bias is not None:
-                mask = (fm if fm is not None else torch.zeros(1, 1, q_len, k_len, dtype=query.dtype)) + bias
-        kw = {k: v for k, v in kwargs.items() if k != "output_attentions"}
-        if engine is not None and not causal:
-            kw["is_causal"] = False
-        out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kw)
+    def sdpa(want_lse: bool = False):
+        """SDPA with the hooks' logit biases in the float mask, then the hooks' head-output edits. Returns
+        (output, each row's log-sum-exp [b, h, q] or None). ``want_lse``: for a plain causal call on the CPU,
+        call the flash kernel HF's SDPA call runs there: the same output, and the log-sum-exp with it."""
+        if (want_lse and attention_mask is None and causal and q_len == k_len and q_len > 1 and "bias" not in needs
+                and query.device.type == "cpu" and query.dtype == torch.float32 and engine is not None
+                and key.shape[-1] == value.shape[-1] and not (dropout and module.training)
+                and kwargs.get("position_bias") is None):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, 0.0, True, scale=scaling)
+            out = out.transpose(1, 2).contiguous()
+        else:
+            mask, lse = attention_mask, None  # None / bool / float, as HF built it: SDPA takes each
+            if "bias" in needs:
+                fm = float_mask()
+                bias = _sum_bias(hooks, layer, call_for(0, q_len, fm), query, key)
+                if bias is not None:
+                    mask = (fm if fm is not None else torch.zeros(1, 1, q_len, k_len, dtype=query.dtype)) + bias
+            kw = {k: v for k, v in kwargs.items() if k != "output_attentions"}
+            if engine is not None and not causal:
+                kw["is_causal"] = False
+            out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kw)
         if "z" in needs:
             out = _apply_z(hooks, layer, out, call_for(0, q_len, None), repeat_kv(value, h // value.shape[1]), None)
-        return out
+        return out, lse
 
     def eager(with_output: bool, lse: torch.Tensor | None = None):
         """The eager formula in query chunks (memory linear in length), calling the hooks on logits,
@@ -276,25 +286,14 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
 
     keep_weights = kwargs.get("output_attentions", False)
     if not needs & {"logits", "weights"} and softcap is None:
-        return sdpa(), None
+        return sdpa()[0], None
     if softcap is None and not torch.is_grad_enabled() and all(
             getattr(hk, "read_only", False) for hk in hooks if hk.needs(layer) & {"logits", "weights"}):
         # The hooks only read logits/weights: the output comes from the same SDPA call as an idle engine
         # (so a capture never changes what the model computes); the weights, for the hooks, from the
         # eager formula. Under autograd the eager output is used, so gradients reach the weights.
-        if (attention_mask is None and causal and q_len == k_len and q_len > 1 and "bias" not in needs
-                and query.device.type == "cpu" and query.dtype == torch.float32 and engine is not None
-                and key.shape[-1] == value.shape[-1] and not (dropout and module.training)
-                and kwargs.get("position_bias") is None):
-            # a plain causal call on the CPU: HF's SDPA call runs this flash kernel; calling it directly gives
-            # the same output and each row's log-sum-exp, which the hooks get (entropy needs no max pass)
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query, key, value, 0.0, True, scale=scaling)
-            out = out.transpose(1, 2).contiguous()
-            if "z" in needs:
-                out = _apply_z(hooks, layer, out, call_for(0, q_len, None), repeat_kv(value, h // value.shape[1]), None)
-            return out, eager(with_output=False, lse=lse)[1]
-        return sdpa(), eager(with_output=False)[1]
+        out, lse = sdpa(want_lse=True)  # the log-sum-exp spares entropy a max pass
+        return out, eager(with_output=False, lse=lse)[1]
     return eager(with_output=True)
 
 
