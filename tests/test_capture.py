@@ -153,6 +153,12 @@ def test_unpadded_reducer_capture_reads_the_kernels_log_sum_exp(smol):
         assert (tr[f"blocks.{l}.attn.entropy"] - -(a * a.clamp_min(1e-300).log()).sum(-1)).abs().max() <= 2e-5, l
         mass = a.sum(2)  # up to ~20 on the first token: relative error
         assert ((tr[f"blocks.{l}.attn.key_mass"] - mass).abs() / mass.clamp_min(1)).max() <= 1e-5, l
+        # the mask-only counts, filled in by the first layer and shared by the rest: closed form for causal
+        n = a.shape[-1]
+        key_mean = tr[f"blocks.{l}.attn.key_mean"].double()
+        assert ((key_mean - mass / torch.arange(n, 0, -1)).abs() / mass.clamp_min(1)).max() <= 1e-5, l
+        H = tr[f"blocks.{l}.attn.entropy"][..., 1:].double()
+        assert (tr[f"blocks.{l}.attn.entropy_norm"][..., 1:] - H / torch.log(torch.arange(2, n + 1).double())).abs().max() <= 1e-5, l
 
 
 def test_reducers_chunked_equal_unchunked(smol, monkeypatch):
