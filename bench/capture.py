@@ -2,7 +2,8 @@
 
 One table, one run, SmolLM2-135M-Instruct (the embedded model, fp32, CPU), random token ids
 (fixed seed), batch 1. Time: warm-up runs, then the median of --repeats timed runs; the rows are
-timed round-robin in one process, so load from other processes on the machine hits all rows alike.
+timed round-robin in one process, so load from other processes on the machine hits all rows alike,
+in a fresh random order each round, so no row always runs right after the same (heavy or light) row.
 Memory: every row again in fresh subprocesses (this script with --row NAME): the peak RSS of its
 runs minus the RSS once its model is loaded and its weights paged in ("Δpeak", the high-water mark
 is reset after loading through /proc/self/clear_refs, then read as ru_maxrss/VmHWM), median of
@@ -20,6 +21,7 @@ import copy
 import gc
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -279,7 +281,7 @@ def main(args) -> None:
     m = interp.load("smollm2")
     print(f"# model: {m.name} ({m.n_layers} layers, {m.n_heads} heads, {m.n_kv_heads} kv heads, d={m.d_model}), "
           f"fp32, batch 1, {args.tokens} random tokens (seed {args.seed}); "
-          f"{args.warmup} warm-up + median of {args.repeats} timed runs, rows round-robin")
+          f"{args.warmup} warm-up + median of {args.repeats} timed runs, rows round-robin in a random order")
     ids = make_ids(m, args.tokens, args.seed)
 
     runners, errors = {}, {}
@@ -309,9 +311,10 @@ def main(args) -> None:
 
     times = {row: [] for row in runners}
     order = list(runners)
+    shuffle = random.Random(args.seed)
     for r in range(args.repeats):
-        rot = order[r % len(order):] + order[:r % len(order)]  # rotate so no row always follows another
-        for row in rot:
+        shuffle.shuffle(order)  # a rotation would keep every row behind the same neighbour
+        for row in order:
             t0 = time.perf_counter()
             res = runners[row][0](ids)
             times[row].append(time.perf_counter() - t0)
@@ -355,7 +358,7 @@ def main(args) -> None:
     print()
     print(C.table(headers, rows))
     print()
-    print(f"time: median of {args.repeats} runs, rows round-robin in one process; min-max: fastest and slowest run. "
+    print(f"time: median of {args.repeats} runs, rows round-robin in one process, a random order each round; min-max: fastest and slowest run. "
           f"Load average at end of timing: {load_end}")
     print(f"Δpeak: peak RSS of the row's runs minus its RSS once loaded (weights paged in, peak reset), fresh "
           f"subprocess per row, median of {args.mem_runs}; live Δ: the same with " + " ".join(f"{k}={v}" for k, v in LIVE_ENV.items()) + f" (RSS = bytes held, "
