@@ -155,7 +155,9 @@ class KeyMass(Reducer):
     def update(self, layer, weights, call):
         w = weights.detach()
         kc = w.shape[-1]  # keys handed over (every later key is masked in this chunk)
-        row = self._per_mask("row", call, kc, lambda: self._valid(call, w).transpose(2, 3))  # [b,1,1,qc]: real queries
+
+        def row():  # [b,1,1,qc]: 1 for real queries (looked up only where needed: this runs for every chunk)
+            return self._per_mask("row", call, kc, lambda: self._valid(call, w).transpose(2, 3))
         s = self._state.get(layer)
         if s is None:
             count, owner = self._shared("count", call, layer, lambda: w.new_zeros(w.shape[0], 1, call.k_len))
@@ -163,9 +165,9 @@ class KeyMass(Reducer):
         if call.query_valid is None or self._per_mask("all_real", call, kc, lambda: bool(call.query_valid.all())):
             s["sum"][..., :kc] += w.sum(2)  # every query is real
         else:
-            s["sum"][..., :kc] += torch.matmul(row, w)[:, :, 0]  # Σ over real queries, without a [b,h,q,k] temporary
+            s["sum"][..., :kc] += torch.matmul(row(), w)[:, :, 0]  # Σ over real queries, without a [b,h,q,k] temporary
         if s["owner"]:  # how many real queries see each key
-            s["count"][..., :kc] += torch.matmul(row, self._visible(call, w).to(w.dtype))[:, :, 0]
+            s["count"][..., :kc] += torch.matmul(row(), self._visible(call, w).to(w.dtype))[:, :, 0]
 
     def finish(self):
         out = {}

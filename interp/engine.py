@@ -208,7 +208,8 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
         """The eager formula in query chunks (memory linear in length), calling the hooks on logits,
         weights and, ``with_output``, head outputs. Returns (output or None, weights if asked for).
         ``lse`` [b, h, q]: the rows' log-sum-exp from the SDPA kernel, handed to the hooks with each chunk."""
-        k, v = repeat_kv(key, h // key.shape[1]), repeat_kv(value, h // value.shape[1])
+        k = repeat_kv(key, h // key.shape[1])
+        v = repeat_kv(value, h // value.shape[1]) if with_output else None  # a read-only call never uses it
         chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k_len))
         outs, all_weights = [], []
         fm = float_mask()
