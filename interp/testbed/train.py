@@ -484,7 +484,9 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
     meta["training"] = {
         "command": f"python -m interp.testbed.train --model {kind} --out {out} --seed {seed}"
                    + (f" --text-steps {text_steps} --text-weight {text_weight}" if text_steps or text_weight else "")
-                   + (f" --weight-decay {weight_decay}" if weight_decay != 0.01 else ""),
+                   + (f" --weight-decay {weight_decay}" if weight_decay != 0.01 else "")
+                   + (f" --text-heads {MODEL_DIMS['text_heads']}" if MODEL_DIMS["text_heads"] != 4 else "")
+                   + (f" --text-layers {MODEL_DIMS['text_layers']}" if MODEL_DIMS["text_layers"] != 3 else ""),
         "seed": seed, "steps": steps, "vision_steps": vision_steps, "batch_size": batch_size,
         "single_batch_size": single_batch_size, "text_steps": text_steps, "text_weight": text_weight, "weight_decay": weight_decay, "single_frac": single_frac, "quadrant_head": quadrant_head, "init_from": init_from, "lr": lr, "threads": threads,
         "n_params": n_params, "train_wall_time_s": round(train_time, 1),
@@ -526,10 +528,13 @@ def main(argv=None):
     ap.add_argument("--text-steps", type=int, default=0, help="LM-only pretraining steps on text copy sequences")
     ap.add_argument("--text-weight", type=float, default=0.0, help="weight of a text-only copy loss mixed into every main step")
     ap.add_argument("--text-heads", type=int, default=None, help="attention heads per LM layer (default 4)")
+    ap.add_argument("--text-layers", type=int, default=None, help="LM layers (default 3)")
     ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the main stage")
     a = ap.parse_args(argv)
     if a.text_heads:
         MODEL_DIMS["text_heads"] = MODEL_DIMS["text_kv_heads"] = a.text_heads
+    if a.text_layers:
+        MODEL_DIMS["text_layers"] = a.text_layers
     cfg = dict(DEFAULTS[a.model])
     for key in ("steps", "vision_steps", "batch_size", "single_frac", "quadrant_head"):
         v = getattr(a, key)
