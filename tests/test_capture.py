@@ -90,7 +90,8 @@ def test_reducers_equal_statistics_of_full_patterns_with_padding(smol):
         for i, n in enumerate(batch.lengths):
             a = A[i, :, :n, :n]  # real queries and keys only
             mass = a.sum(1)
-            assert (tr[f"blocks.{l}.attn.key_mass"][i, :, :n] - mass).abs().max() <= 1e-5
+            # a sum over up to n rows, each at most 1: 1e-5 per unit of mass (fp32 summation order varies by CPU)
+            assert ((tr[f"blocks.{l}.attn.key_mass"][i, :, :n] - mass).abs() / mass.clamp_min(1)).max() <= 1e-5
             visible = torch.arange(n, 0, -1).float()  # causal: n - k real queries see key k
             assert (tr[f"blocks.{l}.attn.key_mean"][i, :, :n] - mass / visible).abs().max() <= 1e-5
             H = -(a * a.clamp_min(1e-30).log()).sum(-1)
@@ -122,8 +123,9 @@ def test_reducer_only_capture_equals_reducers_beside_full_rows(smol):
         if k.endswith("topk_idx"):  # ties among zero weights may order differently
             val = ref[k.replace("idx", "val")]
             assert torch.equal(torch.where(val > 0, fast[k], -1), torch.where(val > 0, ref[k], -1)), k
-        else:
-            assert fast[k].shape == ref[k].shape and (fast[k] - ref[k]).abs().max() <= 1e-5, k
+        else:  # key_mass sums up to T rows: 1e-5 per unit of mass
+            scale = ref[k].abs().clamp_min(1) if k.endswith("key_mass") else 1
+            assert fast[k].shape == ref[k].shape and ((fast[k] - ref[k]).abs() / scale).max() <= 1e-5, k
 
 
 def test_unpadded_reducer_capture_reads_the_kernels_log_sum_exp(smol):
