@@ -165,7 +165,9 @@ class KeyMass(Reducer):
         if call.query_valid is None or self._per_mask("all_real", call, kc, lambda: bool(call.query_valid.all())):
             s["sum"][..., :kc] += w.sum(2)  # every query is real
         else:
-            s["sum"][..., :kc] += torch.matmul(row(), w)[:, :, 0]  # Σ over real queries, without a [b,h,q,k] temporary
+            # Σ over real queries, without a [b,h,q,k] temporary; in float64 because BLAS sums in an order that
+            # depends on the chunk's width, and a mass of ~T must not depend on how the keys were chunked
+            s["sum"][..., :kc] += torch.matmul(row().double(), w.double())[:, :, 0].to(w.dtype)
         if s["owner"]:  # how many real queries see each key
             s["count"][..., :kc] += torch.matmul(row(), self._visible(call, w).to(w.dtype))[:, :, 0]
 
