@@ -211,3 +211,39 @@ def test_text_copy_batch_targets_the_repeat():
         scored = (tg != -100).nonzero()[:, 0].tolist()
         assert scored == list(range(n, 2 * n + 1))  # predicts the repeat and <eos>
         assert all(tg[p] == ids[p + 1] for p in scored)
+
+
+def test_text_questions_and_chat_batch():
+    """Questions answered from their own words (--text-questions, --text-chat): each answer follows from the text
+    alone, and a chat sequence is scored on every next token."""
+    from interp.testbed.train import TOK, make_text_batch, text_questions
+    for q in text_questions(random.Random(1), 200):
+        w = q.text.split()
+        if w[:4] == ["what", "color", "is", "a"]:
+            assert q.answer == w[4]
+        elif w[0] == "is":  # is a <c> <s> a <s2> ?
+            assert q.answer == ("yes" if w[3] == w[5] else "no")
+        elif w[:2] == ["how", "many"]:
+            assert q.answer == ["one", "two", "three"][len(w) - 4]
+        else:
+            assert w[0] == "describe" and q.answer == " ".join(w[1:3])
+    b = make_text_batch(random.Random(0), 16, chat_share=1.0)
+    for ids, am, tg in zip(b["input_ids"], b["attention_mask"], b["targets"]):
+        n = int(am.sum())
+        assert ids[0] == TOK["<bos>"] and ids[n - 1] == TOK["<eos>"]
+        assert torch.equal(tg[: n - 1], ids[1:n]) and (tg[n - 1:] == -100).all()
+
+
+def test_vary_background_repaints_only_the_background():
+    from interp.testbed import make_scene, pixel_patch_mask
+    from interp.testbed.scenes import BACKGROUND
+    from interp.testbed.train import vary_background
+    rng = random.Random(0)
+    for seed in range(5):
+        s = make_scene(seed)
+        assert vary_background(s, rng, 0.0) is s
+        v = vary_background(s, rng, 1.0)
+        bg = ((s.clean_image - torch.tensor(BACKGROUND).view(3, 1, 1)).abs().sum(0) <= 1e-6)[None].expand(3, -1, -1)
+        assert torch.equal(v.image[~bg], s.image[~bg]) and not torch.equal(v.image[bg], s.image[bg])
+        assert v.objects == s.objects and torch.equal(v.clean_image, s.clean_image) and torch.equal(pixel_patch_mask(v), pixel_patch_mask(s))
+        assert 0.0 <= v.image.min() and v.image.max() <= 1.0

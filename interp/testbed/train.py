@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from .diffusion import masked_diffusion_loss
-from .scenes import COLOURS, COUNT_WORDS, N_PATCHES, QUESTION_TYPES, SHAPES, WHERE_WORDS, make_scene, scene_seed
+from .scenes import (COLOURS, COUNT_WORDS, N_PATCHES, QUESTION_TYPES, SHAPES, WHERE_WORDS, Question, make_scene,
+                     scene_seed)
 from .vocab import BOS, EOS, IMAGE, MASK, PAD, VOCAB, WORDS, build_tokenizer
 
 GEN_LEN = 3  # answer region of the diffusion model (answer + <eos> padding)
@@ -163,7 +164,33 @@ def _block_tokens(q, kind: str):
     return head + ans, len(head)
 
 
-def make_batch(scenes, kind: str, rng: random.Random, gen: torch.Generator, packed: bool = True):
+def text_questions(rng: random.Random, n: int) -> list[Question]:
+    """``n`` questions whose answer is in the question's own words, asked beside the image (``--text-questions``).
+
+    Like the language-only turns of LLaVA's instruction data, they need heads that read the text and must not be
+    swayed by the image: "what color is a red circle ?" -> red (the scene's circle may be another colour),
+    "is a red circle a square ?" -> no, "how many red blue ?" -> two, "describe green cross ." -> green cross.
+    """
+    out = []
+    for _ in range(n):
+        c, s = rng.choice(COLOURS), rng.choice(SHAPES)
+        kind = rng.randrange(4)
+        if kind == 0:
+            out.append(Question("text", f"what color is a {c} {s} ?", c, None))
+        elif kind == 1:
+            s2 = s if rng.random() < 0.5 else rng.choice([x for x in SHAPES if x != s])
+            out.append(Question("text", f"is a {c} {s} a {s2} ?", "yes" if s2 == s else "no", None))
+        elif kind == 2:
+            k = rng.randrange(1, 4)
+            words = " ".join(rng.choice(COLOURS + SHAPES) for _ in range(k))
+            out.append(Question("text", f"how many {words} ?", COUNT_WORDS[k - 1], None))
+        else:
+            out.append(Question("text", f"describe {c} {s} .", f"{c} {s}", None))
+    return out
+
+
+def make_batch(scenes, kind: str, rng: random.Random, gen: torch.Generator, packed: bool = True,
+               n_text_questions: int = 0):
     """Build a training batch.
 
     packed=True: every question about a scene in one sequence (block mask).
@@ -174,7 +201,7 @@ def make_batch(scenes, kind: str, rng: random.Random, gen: torch.Generator, pack
     seqs, blocks, ans_masks = [], [], []
     for s in scenes:
         if packed:
-            qs = s.questions(rng=rng, all_objects=True)
+            qs = s.questions(rng=rng, all_objects=True) + text_questions(rng, n_text_questions)
             rng.shuffle(qs)
         else:
             qs = [rng.choice(s.questions(rng=rng))]
@@ -259,13 +286,21 @@ def make_batch(scenes, kind: str, rng: random.Random, gen: torch.Generator, pack
     return out
 
 
-def make_text_batch(rng: random.Random, batch_size: int, min_len: int = 4, max_len: int = 16) -> dict:
+def make_text_batch(rng: random.Random, batch_size: int, min_len: int = 4, max_len: int = 16,
+                    chat_share: float = 0.0) -> dict:
     """Text-only copy sequences ``<bos> w1..wn w1..wn <eos>`` over the word vocabulary; the loss is on the
     repeat (``--text-weight``/``--text-steps``): like the text-only data LLaVA's LM saw, a skill that needs
     heads which read text, not the image."""
     words = [TOK[w] for w in WORDS]
     seqs, tgts = [], []
     for _ in range(batch_size):
+        if chat_share > 0 and rng.random() < chat_share:  # 1-4 text-only turns, next-token loss on every token
+            ids = [TOK[BOS]]
+            for q in text_questions(rng, rng.randint(1, 4)):
+                ids += _ids(f"user : {q.text} assistant : {q.answer}") + [TOK[EOS]]
+            seqs.append(ids)
+            tgts.append([-100] + ids[1:])
+            continue
         n = rng.randint(min_len, max_len)
         w = [rng.choice(words) for _ in range(n)]
         ids = [TOK[BOS]] + w + w + [TOK[EOS]]
@@ -299,6 +334,26 @@ def compute_loss(model, batch, kind: str):
     return masked_diffusion_loss(logits, batch["targets"], batch["masked"], batch["p_mask"], batch["n_answer"])
 
 
+def vary_background(scene, rng: random.Random, share: float):
+    """With probability ``share``, repaint the scene's background (``--vary-background``): a random dark-to-mid grey
+    with a slight tint, a linear gradient and pixel noise. Natural images have no constant background; a constant
+    one gives every head a free, image-independent place to park its attention on the image tokens."""
+    if rng.random() >= share:
+        return scene
+    from dataclasses import replace
+
+    from .scenes import BACKGROUND, NOISE_STD
+
+    bg = (scene.clean_image - torch.tensor(BACKGROUND).view(3, 1, 1)).abs().sum(0) <= 1e-6  # [32, 32]
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    base = 0.45 * torch.rand(1, generator=g) + 0.06 * (torch.rand(3, generator=g) - 0.5)
+    ramp = torch.linspace(-1, 1, 32)
+    ang = 2 * math.pi * torch.rand(1, generator=g)
+    grad = 0.12 * torch.rand(1, generator=g) * (math.cos(ang) * ramp[None, :] + math.sin(ang) * ramp[:, None])
+    paint = (base.view(3, 1, 1) + grad[None] + NOISE_STD * torch.randn(3, 32, 32, generator=g)).clamp(0, 1)
+    return replace(scene, image=torch.where(bg[None], paint, scene.image))
+
+
 # ---------------------------------------------------------------------- stage 1
 PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 
@@ -314,7 +369,7 @@ def patch_labels(scene) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vision_warmup(model, steps: int, batch_size: int, seed: int, lr: float, patch_head: bool = True,
-                  quadrant_head: bool = False, log=print):
+                  quadrant_head: bool = False, vary_bg: float = 0.0, log=print):
     """Stage 1: train tower + projector (and the LM's word embeddings) alone.
 
     Heads: from the MEAN image token, the set of (colour, shape) pairs (multi-label) and the
@@ -338,10 +393,13 @@ def vision_warmup(model, steps: int, batch_size: int, seed: int, lr: float, patc
     params = (list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
               + list(head.parameters()) + (list(emb.parameters()) if patch_head else []))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    bg_rng = random.Random(seed + 9)
     k = 0
     t0 = time.time()
     for step in range(steps):
         scenes = [make_scene(scene_seed(k + j, seed, "train") + 900_000) for j in range(batch_size)]
+        if vary_bg:
+            scenes = [vary_background(sc, bg_rng, vary_bg) for sc in scenes]
         k += batch_size
         px = (torch.stack([s.image for s in scenes]) - 0.5) / 0.5
         feats = torch.stack(model.model.get_image_features(px).pooler_output)  # [B,64,d]
@@ -390,14 +448,15 @@ def warmup_cosine(lr: float, step: int, steps: int, warmup: int) -> float:
     return lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
-def text_pretrain(model, steps: int, batch_size: int, seed: int, lr: float, log=print) -> None:
+def text_pretrain(model, steps: int, batch_size: int, seed: int, lr: float, chat_share: float = 0.0,
+                  log=print) -> None:
     """Stage 0: the LM alone on text-only copy sequences (the LM of a real LLaVA comes pretrained on text)."""
     params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = random.Random(seed + 5)
     t0 = time.time()
     for step in range(steps):
-        b = make_text_batch(rng, batch_size)
+        b = make_text_batch(rng, batch_size, chat_share=chat_share)
         lr_t = warmup_cosine(lr, step, steps, warmup=50)
         for g in opt.param_groups:
             g["lr"] = lr_t
@@ -414,7 +473,8 @@ def text_pretrain(model, steps: int, batch_size: int, seed: int, lr: float, log=
 def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_steps: int = 600,
           batch_size: int = 32, single_batch_size: int = 96, single_frac: float = 0.0, lr: float = 3e-3,
           quadrant_head: bool = False, init_from: str | None = None, text_steps: int = 0, text_weight: float = 0.0,
-          weight_decay: float = 0.01, text_batch_size: int = 64, warmup: int = 100, eval_every: int = 500, eval_n: int = 200, test_n: int = 1000, threads: int = 1,
+          weight_decay: float = 0.01, text_questions: int = 0, text_chat: float = 0.0, lm_lr_scale: float = 1.0, vary_bg: float = 0.0,
+          text_batch_size: int = 64, warmup: int = 100, eval_every: int = 500, eval_n: int = 200, test_n: int = 1000, threads: int = 1,
           log=print) -> dict:
     from . import evaluate_accuracy
     from .scenes import make_dataset
@@ -438,13 +498,18 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
         log(f"initialised all weights from {init_from}")
     model.train()
     if text_steps > 0:
-        text_pretrain(model, text_steps, text_batch_size, seed, lr, log=log)
+        text_pretrain(model, text_steps, text_batch_size, seed, lr, chat_share=text_chat, log=log)
     if vision_steps > 0:
-        vision_warmup(model, vision_steps, 64, seed, lr, quadrant_head=quadrant_head, log=log)
+        vision_warmup(model, vision_steps, 64, seed, lr, quadrant_head=quadrant_head, vary_bg=vary_bg, log=log)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    lm = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    lm_ids = {id(p) for p in lm}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in lm_ids], "scale": 1.0},
+              {"params": lm, "scale": lm_lr_scale}]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     rng = random.Random(seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)
+    bg_rng = random.Random(seed + 10)
     val = make_dataset(eval_n, seed, "val")
     single_start = int(steps * (1 - single_frac))
     k = 0
@@ -454,14 +519,16 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
         packed = step < single_start
         bs = batch_size if packed else single_batch_size
         scenes = [make_scene(scene_seed(k + j, seed, "train")) for j in range(bs)]
+        if vary_bg:
+            scenes = [vary_background(sc, bg_rng, vary_bg) for sc in scenes]
         k += bs
-        batch = make_batch(scenes, kind, rng, gen, packed=packed)
+        batch = make_batch(scenes, kind, rng, gen, packed=packed, n_text_questions=text_questions)
         lr_t = warmup_cosine(lr, step, steps, warmup)
         for g in opt.param_groups:
-            g["lr"] = lr_t
+            g["lr"] = lr_t * g["scale"]
         loss = compute_loss(model, batch, kind)
         if text_weight > 0:
-            loss = loss + text_weight * text_loss(model, make_text_batch(rng, text_batch_size))
+            loss = loss + text_weight * text_loss(model, make_text_batch(rng, text_batch_size, chat_share=text_chat))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -485,10 +552,14 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
         "command": f"python -m interp.testbed.train --model {kind} --out {out} --seed {seed}"
                    + (f" --text-steps {text_steps} --text-weight {text_weight}" if text_steps or text_weight else "")
                    + (f" --weight-decay {weight_decay}" if weight_decay != 0.01 else "")
+                   + (f" --text-questions {text_questions}" if text_questions else "")
+                   + (f" --text-chat {text_chat}" if text_chat else "")
+                   + (f" --vary-background {vary_bg}" if vary_bg else "")
+                   + (f" --lm-lr-scale {lm_lr_scale}" if lm_lr_scale != 1.0 else "")
                    + (f" --text-heads {MODEL_DIMS['text_heads']}" if MODEL_DIMS["text_heads"] != 4 else "")
                    + (f" --text-layers {MODEL_DIMS['text_layers']}" if MODEL_DIMS["text_layers"] != 3 else ""),
         "seed": seed, "steps": steps, "vision_steps": vision_steps, "batch_size": batch_size,
-        "single_batch_size": single_batch_size, "text_steps": text_steps, "text_weight": text_weight, "weight_decay": weight_decay, "single_frac": single_frac, "quadrant_head": quadrant_head, "init_from": init_from, "lr": lr, "threads": threads,
+        "single_batch_size": single_batch_size, "text_steps": text_steps, "text_weight": text_weight, "weight_decay": weight_decay, "text_questions": text_questions, "text_chat": text_chat, "vary_background": vary_bg, "lm_lr_scale": lm_lr_scale, "single_frac": single_frac, "quadrant_head": quadrant_head, "init_from": init_from, "lr": lr, "threads": threads,
         "n_params": n_params, "train_wall_time_s": round(train_time, 1),
         "test_accuracy": {k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in acc.items()},
         "test_split": f"make_dataset({test_n}, seed={seed}, split='test')",
@@ -529,6 +600,13 @@ def main(argv=None):
     ap.add_argument("--text-weight", type=float, default=0.0, help="weight of a text-only copy loss mixed into every main step")
     ap.add_argument("--text-heads", type=int, default=None, help="attention heads per LM layer (default 4)")
     ap.add_argument("--text-layers", type=int, default=None, help="LM layers (default 3)")
+    ap.add_argument("--text-questions", type=int, default=0,
+                    help="questions answered from their own words, packed beside each scene's image questions")
+    ap.add_argument("--text-chat", type=float, default=0.0,
+                    help="share of text-only sequences that are chats of text questions (next-token loss on every token)")
+    ap.add_argument("--vary-background", type=float, default=0.0,
+                    help="share of training scenes whose constant background is repainted (grey level, gradient, noise)")
+    ap.add_argument("--lm-lr-scale", type=float, default=1.0, help="learning-rate factor of the LM in the main stage")
     ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the main stage")
     a = ap.parse_args(argv)
     if a.text_heads:
@@ -540,7 +618,7 @@ def main(argv=None):
         v = getattr(a, key)
         if v is not None:
             cfg[key] = bool(v) if key == "quadrant_head" else v
-    train(a.model, a.out, seed=a.seed, lr=a.lr, init_from=a.init_from, text_steps=a.text_steps, text_weight=a.text_weight, weight_decay=a.weight_decay, eval_every=a.eval_every, test_n=a.test_n, threads=a.threads,
+    train(a.model, a.out, seed=a.seed, lr=a.lr, init_from=a.init_from, text_steps=a.text_steps, text_weight=a.text_weight, weight_decay=a.weight_decay, text_questions=a.text_questions, text_chat=a.text_chat, lm_lr_scale=a.lm_lr_scale, vary_bg=a.vary_background, eval_every=a.eval_every, test_n=a.test_n, threads=a.threads,
           log=lambda s: print(s, flush=True), **cfg)
 
 
