@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """VHD sparsity of an AR testbed checkpoint (probes/VISION_RESULTS.md §3): per layer, max/median over the heads
 of the mean VHD at the first generated token of every question of 40 held-out scenes, with and without outlier
-pruning, the share of prompts whose own ratio is above 3, and each head's mean VHD.
+pruning, the share of prompts whose own ratio is above 3, and each head's mean VHD; then where each head's answer
+query attends (<bos>, the patches of any object, the background patches, the text).
 
     .venv/bin/python scripts/vhd_sparsity.py [CHECKPOINT]     # default: the committed llava_ar
 """
@@ -16,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import interp  # noqa: E402
-from interp.testbed import build_inputs, load_testbed, make_dataset  # noqa: E402
+from interp.testbed import build_inputs, load_testbed, make_dataset, object_patch_mask  # noqa: E402
 from probes import vhd as vhd_mod  # noqa: E402
 
 
@@ -40,6 +41,21 @@ def main(argv=None) -> int:
         print("  share of prompts above 3 per layer:  ", " / ".join(f"{float(x):.2f}" for x in share))
         for layer, row in enumerate(mean):
             print(f"  layer {layer} mean VHD per head:", " ".join(f"{float(x):.2f}" for x in row))
+    off, n_img = meta["image_token_offset"], meta["n_image_tokens"]
+    mass = []
+    for s in scenes:
+        obj = torch.zeros(n_img, dtype=torch.bool)
+        for i in range(len(s.objects)):
+            obj |= object_patch_mask(s, i)
+        for q in s.questions(random.Random(0)):
+            p = interp.capture(m, build_inputs(tok, meta, s, q), sites="blocks.*.attn.pattern").stack("attn.pattern")[:, 0, :, -1]
+            img = p[..., off:off + n_img]
+            mass.append(torch.stack([p[..., 0], img[..., obj].sum(-1), img[..., ~obj].sum(-1),
+                                     p.sum(-1) - p[..., 0] - img.sum(-1)], -1))
+    mass = torch.stack(mass).mean(0)  # [L, H, 4]
+    print("attention of the answer query, mean over prompts: <bos> / object patches / background patches / text")
+    for layer, row in enumerate(mass):
+        print(f"  layer {layer}:", "  ".join("/".join(f"{float(x):.2f}" for x in h) for h in row))
     return 0
 
 
