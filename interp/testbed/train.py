@@ -40,14 +40,15 @@ import json
 import math
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .diffusion import masked_diffusion_loss
-from .scenes import (COLOURS, COUNT_WORDS, N_PATCHES, QUESTION_TYPES, SHAPES, WHERE_WORDS, Question, make_scene,
-                     scene_seed)
+from .scenes import (BACKGROUND, COLOURS, COUNT_WORDS, N_PATCHES, NOISE_STD, QUESTION_TYPES, SHAPES, WHERE_WORDS,
+                     Question, make_scene, scene_seed)
 from .vocab import BOS, EOS, IMAGE, MASK, PAD, VOCAB, WORDS, build_tokenizer
 
 GEN_LEN = 3  # answer region of the diffusion model (answer + <eos> padding)
@@ -290,7 +291,8 @@ def make_text_batch(rng: random.Random, batch_size: int, min_len: int = 4, max_l
                     chat_share: float = 0.0) -> dict:
     """Text-only copy sequences ``<bos> w1..wn w1..wn <eos>`` over the word vocabulary; the loss is on the
     repeat (``--text-weight``/``--text-steps``): like the text-only data LLaVA's LM saw, a skill that needs
-    heads which read text, not the image."""
+    heads which read text, not the image. With ``chat_share`` (``--text-chat``) that share of the sequences are
+    chats of 1-4 :func:`text_questions` turns instead, scored on every next token as in LM pretraining."""
     words = [TOK[w] for w in WORDS]
     seqs, tgts = [], []
     for _ in range(batch_size):
@@ -340,10 +342,6 @@ def vary_background(scene, rng: random.Random, share: float):
     one gives every head a free, image-independent place to park its attention on the image tokens."""
     if rng.random() >= share:
         return scene
-    from dataclasses import replace
-
-    from .scenes import BACKGROUND, NOISE_STD
-
     bg = (scene.clean_image - torch.tensor(BACKGROUND).view(3, 1, 1)).abs().sum(0) <= 1e-6  # [32, 32]
     g = torch.Generator().manual_seed(rng.randrange(2**31))
     base = 0.45 * torch.rand(1, generator=g) + 0.06 * (torch.rand(3, generator=g) - 0.5)
