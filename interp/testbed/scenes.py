@@ -235,8 +235,12 @@ def object_patch_mask(scene: Scene, obj: SceneObject | int) -> torch.Tensor:
     return m
 
 
+def background_pixel_mask(scene: Scene) -> torch.Tensor:
+    """bool[32, 32]: pixels whose clean colour is the background's."""
+    return (scene.clean_image - torch.tensor(BACKGROUND).view(3, 1, 1)).abs().sum(0) <= 1e-6
+
+
 def pixel_patch_mask(scene: Scene) -> torch.Tensor:
     """bool[64]: patches whose clean pixels differ from the background (for checks)."""
-    bg = torch.tensor(BACKGROUND).view(3, 1, 1)
-    diff = (scene.clean_image - bg).abs().sum(0) > 1e-6  # [32, 32]
+    diff = ~background_pixel_mask(scene)  # [32, 32]
     return diff.view(GRID, PATCH, GRID, PATCH).any(dim=3).any(dim=1).reshape(-1)

@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from .diffusion import masked_diffusion_loss
-from .scenes import (BACKGROUND, COLOURS, COUNT_WORDS, N_PATCHES, NOISE_STD, QUESTION_TYPES, SHAPES, WHERE_WORDS,
-                     Question, make_scene, scene_seed)
+from .scenes import (COLOURS, COUNT_WORDS, N_PATCHES, NOISE_STD, QUESTION_TYPES, SHAPES, WHERE_WORDS,
+                     Question, background_pixel_mask, make_scene, scene_seed)
 from .vocab import BOS, EOS, IMAGE, MASK, PAD, VOCAB, WORDS, build_tokenizer
 
 GEN_LEN = 3  # answer region of the diffusion model (answer + <eos> padding)
@@ -342,7 +342,7 @@ def vary_background(scene, rng: random.Random, share: float):
     one gives every head a free, image-independent place to park its attention on the image tokens."""
     if rng.random() >= share:
         return scene
-    bg = (scene.clean_image - torch.tensor(BACKGROUND).view(3, 1, 1)).abs().sum(0) <= 1e-6  # [32, 32]
+    bg = background_pixel_mask(scene)  # [32, 32]
     g = torch.Generator().manual_seed(rng.randrange(2**31))
     base = 0.45 * torch.rand(1, generator=g) + 0.06 * (torch.rand(3, generator=g) - 0.5)
     ramp = torch.linspace(-1, 1, 32)
