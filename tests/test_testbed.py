@@ -247,3 +247,23 @@ def test_vary_background_repaints_only_the_background():
         assert torch.equal(v.image[~bg], s.image[~bg]) and not torch.equal(v.image[bg], s.image[bg])
         assert v.objects == s.objects and torch.equal(v.clean_image, s.clean_image) and torch.equal(pixel_patch_mask(v), pixel_patch_mask(s))
         assert 0.0 <= v.image.min() and v.image.max() <= 1.0
+
+
+def test_image_attention_penalty_matches_hf_attentions():
+    """The AR training penalty (--image-head-sparsity): sum over LM heads of sqrt(m + 1e-4), m the mean attention
+    that question and answer tokens give to the image tokens, rebuilt here from HF's own output_attentions with the
+    text positions found from the token ids; the loss is the plain one plus weight x penalty."""
+    from interp.testbed.train import TOK, build_model, compute_loss, image_attention_penalty, make_batch
+    model = build_model("ar", seed=0)
+    scenes = [make_scene(scene_seed(j, 0, "train")) for j in range(3)]
+    b = make_batch(scenes, "ar", random.Random(0), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        att = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"], attention_mask=b["attention_mask"],
+                    position_ids=b["position_ids"], output_attentions=True).attentions
+        ids = b["input_ids"]
+        text = (torch.arange(ids.shape[1]) > 64) & (ids != TOK["<pad>"])  # after <bos> + 64 image tokens
+        image = ids[0] == TOK["<image>"]
+        want = sum((a[..., image].sum(-1).permute(1, 0, 2)[:, text].mean(-1) + 1e-4).sqrt().sum() for a in att)
+        assert abs(float(image_attention_penalty(att, b["text_query"]) - want)) < 1e-4
+        plain, with_penalty = compute_loss(model, b, "ar"), compute_loss(model, b, "ar", 0.01)
+        assert abs(float(with_penalty - plain - 0.01 * want)) < 1e-5

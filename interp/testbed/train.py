@@ -27,6 +27,8 @@ Recipe (CPU, 1 thread by default -- robust on a shared, oversubscribed machine):
      probability under the at-least-one rule (= 1/t except for small t; plain 1/t gave
      rare 1/eps-weighted spikes that stalled training), divided by the number of
      answer-region tokens.
+   * AR also: ``--image-head-sparsity 0.005`` (the AR default) adds 0.005 * sum_(l,h) sqrt(m_lh), m_lh the mean
+     attention of LM head (l, h) from question/answer tokens to the image, so that few heads read the image.
 3. Diffusion only: a final phase with plain one-question sequences (fully bidirectional,
    the image tokens now also see the question) so training matches inference exactly.
 
@@ -249,7 +251,7 @@ def make_batch(scenes, kind: str, rng: random.Random, gen: torch.Generator, pack
     pixel_values = torch.stack([s.image for s in scenes])
     pixel_values = (pixel_values - 0.5) / 0.5
     out = dict(input_ids=input_ids, position_ids=pos, attention_mask=attn, pixel_values=pixel_values,
-               answer_mask=ans)
+               answer_mask=ans, text_query=block > 0)
     if kind == "ar":
         # logits at p-1 predict the answer token at p
         targets = torch.full((B, L), -100, dtype=torch.long)
@@ -326,14 +328,33 @@ def text_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1), ignore_index=-100)
 
 
-def compute_loss(model, batch, kind: str):
-    logits = model(
+def image_attention_penalty(attentions, text_query: torch.Tensor) -> torch.Tensor:
+    """sum over LM heads (l, h) of sqrt(m_lh), m_lh = the mean attention mass that the text queries (question and
+    answer tokens) put on the image tokens. The square root is concave, so the penalty is smallest when a few heads
+    read the image and the rest read none of it (``--image-head-sparsity``)."""
+    w = text_query.float()
+    total = 0.0
+    for a in attentions:  # [B, H, L, L]
+        mass = a[..., 1:1 + N_PATCHES].sum(-1)  # [B, H, L]
+        m = (mass * w[:, None]).sum((0, 2)) / w.sum()
+        total = total + (m + 1e-4).sqrt().sum()
+    return total
+
+
+def compute_loss(model, batch, kind: str, image_head_sparsity: float = 0.0):
+    out = model(
         input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
         attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-    ).logits
+        output_attentions=image_head_sparsity > 0,
+    )
+    logits = out.logits
     if kind == "ar":
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1), ignore_index=-100)
-    return masked_diffusion_loss(logits, batch["targets"], batch["masked"], batch["p_mask"], batch["n_answer"])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1), ignore_index=-100)
+    else:
+        loss = masked_diffusion_loss(logits, batch["targets"], batch["masked"], batch["p_mask"], batch["n_answer"])
+    if image_head_sparsity > 0:
+        loss = loss + image_head_sparsity * image_attention_penalty(out.attentions, batch["text_query"])
+    return loss
 
 
 def vary_background(scene, rng: random.Random, share: float):
@@ -472,6 +493,7 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
           batch_size: int = 32, single_batch_size: int = 96, single_frac: float = 0.0, lr: float = 3e-3,
           quadrant_head: bool = False, init_from: str | None = None, text_steps: int = 0, text_weight: float = 0.0,
           weight_decay: float = 0.01, text_questions: int = 0, text_chat: float = 0.0, lm_lr_scale: float = 1.0, vary_bg: float = 0.0,
+          image_head_sparsity: float = 0.0,
           text_batch_size: int = 64, warmup: int = 100, eval_every: int = 500, eval_n: int = 200, test_n: int = 1000, threads: int = 1,
           log=print) -> dict:
     from . import evaluate_accuracy
@@ -524,7 +546,7 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
         lr_t = warmup_cosine(lr, step, steps, warmup)
         for g in opt.param_groups:
             g["lr"] = lr_t * g["scale"]
-        loss = compute_loss(model, batch, kind)
+        loss = compute_loss(model, batch, kind, image_head_sparsity)
         if text_weight > 0:
             loss = loss + text_weight * text_loss(model, make_text_batch(rng, text_batch_size, chat_share=text_chat))
         opt.zero_grad()
@@ -554,10 +576,11 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
                    + (f" --text-chat {text_chat}" if text_chat else "")
                    + (f" --vary-background {vary_bg}" if vary_bg else "")
                    + (f" --lm-lr-scale {lm_lr_scale}" if lm_lr_scale != 1.0 else "")
+                   + (f" --image-head-sparsity {image_head_sparsity}" if image_head_sparsity else "")
                    + (f" --text-heads {MODEL_DIMS['text_heads']}" if MODEL_DIMS["text_heads"] != 4 else "")
                    + (f" --text-layers {MODEL_DIMS['text_layers']}" if MODEL_DIMS["text_layers"] != 3 else ""),
         "seed": seed, "steps": steps, "vision_steps": vision_steps, "batch_size": batch_size,
-        "single_batch_size": single_batch_size, "text_steps": text_steps, "text_weight": text_weight, "weight_decay": weight_decay, "text_questions": text_questions, "text_chat": text_chat, "vary_background": vary_bg, "lm_lr_scale": lm_lr_scale, "single_frac": single_frac, "quadrant_head": quadrant_head, "init_from": init_from, "lr": lr, "threads": threads,
+        "single_batch_size": single_batch_size, "text_steps": text_steps, "text_weight": text_weight, "weight_decay": weight_decay, "text_questions": text_questions, "text_chat": text_chat, "vary_background": vary_bg, "lm_lr_scale": lm_lr_scale, "image_head_sparsity": image_head_sparsity, "single_frac": single_frac, "quadrant_head": quadrant_head, "init_from": init_from, "lr": lr, "threads": threads,
         "n_params": n_params, "train_wall_time_s": round(train_time, 1),
         "test_accuracy": {k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in acc.items()},
         "test_split": f"make_dataset({test_n}, seed={seed}, split='test')",
@@ -574,8 +597,9 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
 
 
 DEFAULTS = {
-    "ar": dict(steps=1500, vision_steps=600, batch_size=32, single_frac=0.0),
-    "diffusion": dict(steps=3500, vision_steps=600, batch_size=32, single_frac=0.3, quadrant_head=True),
+    "ar": dict(steps=3000, vision_steps=600, batch_size=32, single_frac=0.0, image_head_sparsity=0.005),
+    "diffusion": dict(steps=3500, vision_steps=600, batch_size=32, single_frac=0.3, quadrant_head=True,
+                      image_head_sparsity=0.0),
 }
 
 
@@ -605,6 +629,9 @@ def main(argv=None):
     ap.add_argument("--vary-background", type=float, default=0.0,
                     help="share of training scenes whose constant background is repainted (grey level, gradient, noise)")
     ap.add_argument("--lm-lr-scale", type=float, default=1.0, help="learning-rate factor of the LM in the main stage")
+    ap.add_argument("--image-head-sparsity", type=float, default=None,
+                    help="weight of a penalty sum_(l,h) sqrt(image attention mass of the text queries) that leaves "
+                         "few heads reading the image (default: 0.005 for ar, 0 for diffusion)")
     ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the main stage")
     a = ap.parse_args(argv)
     if a.text_heads:
@@ -612,7 +639,7 @@ def main(argv=None):
     if a.text_layers:
         MODEL_DIMS["text_layers"] = a.text_layers
     cfg = dict(DEFAULTS[a.model])
-    for key in ("steps", "vision_steps", "batch_size", "single_frac", "quadrant_head"):
+    for key in ("steps", "vision_steps", "batch_size", "single_frac", "quadrant_head", "image_head_sparsity"):
         v = getattr(a, key)
         if v is not None:
             cfg[key] = bool(v) if key == "quadrant_head" else v
