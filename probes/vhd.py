@@ -8,7 +8,8 @@ For head i of layer l at generated token y_t, with O^{l,i}[t] the head's output 
 (the second branch is the same prompt with the image tokens removed). Outlier pruning [3p]: with
 TA_{l,i} = ‖O^{l,i}[t](text)‖₂, set VHD ← 0 where VHD > μ_l + σ_l and TA > μ'_l + σ'_l (statistics over
 the heads of layer l). Token-VHD: T-VHD_t = Σ_l Σ_{i ∈ top-k_l} VHD_{l,i}(y_t), k = 8.
-VHR selects H_l = {i : VHD_{l,i} > median_i VHD_{l,·}} and scales those heads' outputs by α = 2 in the
+VHR selects H_l = {i : VHD_{l,i} > median_i VHD_{l,·}} (``torch.median``: the lower middle value for an even
+head count; the metric ``max_over_median_by_layer`` uses the same median) and scales those heads' outputs by α = 2 in the
 last N layers (``to_spec`` → ``attn.head_scale``). Here VHD is measured on the unreinforced model (the
 paper recomputes it layer by layer on already-reinforced states during decoding).
 """

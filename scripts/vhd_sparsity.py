@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """VHD sparsity of an AR testbed checkpoint (probes/VISION_RESULTS.md §3): per layer, max/median over the heads
 of the mean VHD at the first generated token of every question of 40 held-out scenes, with and without outlier
-pruning, the share of prompts whose own ratio is above 3, and each head's mean VHD; then where each head's answer
-query attends (<bos>, the patches of any object, the background patches, the text).
+pruning (the median as torch.median, the lower middle value for an even head count, and as the mean of the two
+middle values), the share of prompts whose own ratio is above 3, and each head's mean VHD; then where each head's
+answer query attends (<bos>, the patches of any object, the background patches, the text).
 
     .venv/bin/python scripts/vhd_sparsity.py [CHECKPOINT]     # default: the committed llava_ar
 """
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
         share = ((V.max(-1).values / V.median(-1).values.clamp_min(1e-9)) > 3).float().mean(0)
         print(f"outlier pruning {'on' if prune else 'off'}, {len(V)} prompts")
         print("  max/median of the mean VHD per layer:", " / ".join(f"{float(x):.2f}" for x in mean.max(-1).values / mean.median(-1).values))
+        print("  same, median = mean of the middle two:", " / ".join(f"{float(x):.2f}" for x in mean.max(-1).values / mean.quantile(0.5, -1)))
         print("  share of prompts above 3 per layer:  ", " / ".join(f"{float(x):.2f}" for x in share))
         for layer, row in enumerate(mean):
             print(f"  layer {layer} mean VHD per head:", " ".join(f"{float(x):.2f}" for x in row))
