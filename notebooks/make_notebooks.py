@@ -56,8 +56,9 @@ write("02_vision_heads_and_sinks.ipynb", [
              "hf, tok, meta = load_testbed('llava_ar')\nmodel = interp.load(hf, tokenizer=tok, name='llava_ar')\n"
              "items = localisation_items(16, seed=0)  # held-out scenes, questions about one object\nmodel, len(items)"),
     ("md", "## 1. Vision-aware heads (VHD, He et al. ACL'25)\nVHD = ‖O^{l,h}(with image) − O^{l,h}(without image)‖ at "
-           "the answer position. With 4 heads per layer most heads read the image: over 51 prompts the paper's "
-           "sparsity (max/median > 3) holds in layer 0 only (`probes/VISION_RESULTS.md`)."),
+           "the answer position. The testbed was trained so that few heads read the image; over 186 prompts the "
+           "paper's sparsity (max/median > 3) holds in all three layers, though only in layer 0 if the median of "
+           "4 heads is taken as the mean of the middle two (`probes/VISION_RESULTS.md` §3)."),
     ("code", "scene, q = items[0]\nf_vhd = vhd_mod.vhd(model, build_inputs(tok, meta, scene, q))\n"
              "print(q.text, '->', f_vhd.metrics['answer'])\nprint('max/median by layer:', f_vhd.metrics['max_over_median_by_layer'])\n"
              "f_vhd.table.pivot(index='layer', columns='head', values='score').round(2)"),
