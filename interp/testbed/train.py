@@ -328,14 +328,14 @@ def text_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1), ignore_index=-100)
 
 
-def image_attention_penalty(attentions, text_query: torch.Tensor) -> torch.Tensor:
-    """sum over LM heads (l, h) of sqrt(m_lh), m_lh = the mean attention mass that the text queries (question and
-    answer tokens) put on the image tokens. The square root is concave, so the penalty is smallest when a few heads
-    read the image and the rest read none of it (``--image-head-sparsity``)."""
+def image_attention_penalty(attentions: tuple[torch.Tensor, ...], text_query: torch.Tensor) -> torch.Tensor:
+    """sum over LM heads (l, h) of sqrt(m_lh + 1e-4), m_lh = the mean attention mass that the text queries (question
+    and answer tokens, ``text_query`` [B, L]) put on the image tokens of ``PREFIX``. The square root is concave, so
+    the penalty is smallest when a few heads read the image and the rest read none of it (``--image-head-sparsity``)."""
     w = text_query.float()
     total = 0.0
     for a in attentions:  # [B, H, L, L]
-        mass = a[..., 1:1 + N_PATCHES].sum(-1)  # [B, H, L]
+        mass = a[..., 1:len(PREFIX)].sum(-1)  # [B, H, L]: keys <image>*64 after <bos>
         m = (mass * w[:, None]).sum((0, 2)) / w.sum()
         total = total + (m + 1e-4).sqrt().sum()
     return total
