@@ -267,3 +267,6 @@ def test_image_attention_penalty_matches_hf_attentions():
         assert abs(float(image_attention_penalty(att, b["text_query"]) - want)) < 1e-4
         plain, with_penalty = compute_loss(model, b, "ar"), compute_loss(model, b, "ar", 0.01)
         assert abs(float(with_penalty - plain - 0.01 * want)) < 1e-5
+    with pytest.raises(ValueError, match="negative weight"):
+        from interp.testbed.train import train
+        train("ar", None, image_head_sparsity=-0.01)

@@ -499,6 +499,9 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
     from . import evaluate_accuracy
     from .scenes import make_dataset
 
+    if image_head_sparsity < 0:
+        raise ValueError(f"image_head_sparsity={image_head_sparsity}: a negative weight would reward heads for reading "
+                         "the image; use 0 to switch the penalty off or a small positive weight (the AR default is 0.005)")
     torch.set_num_threads(threads)
     t_start = time.time()
     random.seed(seed)
