@@ -2,14 +2,13 @@
 
 A Finding is a tidy table of scores (one row per (layer, head), per (layer, token, dim), ...), the
 scalar results (``metrics``), optional arrays (saved as a safetensors sidecar), the analysis name
-and parameters, the model's identity and a digest of the prompts. Analyses stay plain functions:
-``to_spec`` and ``plot`` dispatch to the ``to_spec`` function of the analysis module and to
-:mod:`viz`, so there is a single Finding class for all of them.
+and parameters, the model's identity and a digest of the prompts. ``to_spec``, ``plot`` and
+``explain`` dispatch to the registered :class:`interp.analysis.Analysis` named by ``analysis``, so
+there is a single Finding class for all of them.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from . import analysis as _analysis
 from .errors import InterpError
 
 
@@ -30,7 +30,7 @@ def digest(items: Any) -> str:
 
 @dataclass
 class Finding:
-    analysis: str  # module path, e.g. "probes.sinks"
+    analysis: str  # the registered analysis' name, e.g. "probes.sinks"
     table: pd.DataFrame
     params: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
@@ -50,8 +50,15 @@ class Finding:
             raise InterpError(f"no column {by!r} in this finding; columns are {list(self.table.columns)}")
         return self.table.sort_values(by, ascending=ascending).head(k).reset_index(drop=True)
 
+    def explain(self) -> str:
+        """The finding in one plain sentence ("" when its analysis is not registered or says nothing)."""
+        a = _analysis.REGISTRY.get(self.analysis)
+        return a.explain(self) if a is not None else ""
+
     def summary(self) -> str:
         lines = [f"{self.analysis} on {self.model.get('name', '?')} ({len(self.table)} rows)"]
+        if takeaway := self.explain():
+            lines.insert(0, takeaway)
         for k, v in self.metrics.items():
             lines.append(f"  {k}: {_fmt(v)}")
         lines += [f"  note: {n}" for n in self.notes]
@@ -60,22 +67,23 @@ class Finding:
     def __repr__(self) -> str:
         return f"Finding({self.analysis!r}, rows={len(self.table)}, metrics={list(self.metrics)})"
 
-    # dispatch to the analysis module and viz ------------------------------------
-    def to_spec(self, **kw):
-        """The intervention this finding suggests, as an :class:`interp.Spec`."""
-        mod = importlib.import_module(self.analysis)
-        if not hasattr(mod, "to_spec"):
-            raise InterpError(f"{self.analysis} findings are diagnostic only: there is no spec to export")
-        return mod.to_spec(self, **kw)
+    # dispatch to the registered analysis ------------------------------------------
+    def to_spec(self, model=None, **kw):
+        """The intervention this finding suggests, as an :class:`interp.Spec` (``model``: the model it is for)."""
+        if model is None:
+            raise InterpError("to_spec needs the model the spec is for: finding.to_spec(model=model, ...)")
+        return _analysis.get(self.analysis).to_spec(self, model, **kw)
 
     def plot(self, interactive: bool = False, **kw):
-        """A matplotlib Figure (default) or a plotly Figure (``interactive=True``)."""
-        import viz
-        return viz.plot(self, interactive=interactive, **kw)
+        """A matplotlib Figure (default) or a plotly Figure (``interactive=True``) of this finding."""
+        return _analysis.get(self.analysis).plot(self, interactive=interactive, **kw)
 
     def _repr_html_(self) -> str:
-        import viz
-        return viz.finding_html(self)
+        html = _analysis.view("html")
+        if html is None:
+            import html as _h
+            return f"<pre>{_h.escape(self.summary())}</pre>"
+        return html(self)
 
     # persistence ----------------------------------------------------------------
     def to_json(self) -> str:
@@ -105,6 +113,7 @@ class Finding:
             raise InterpError(f"cannot read finding {path}: {e}") from None
         if doc.get("schema") != "interp.finding/1":
             raise InterpError(f"{path} is not an interp finding (schema {doc.get('schema')!r})")
+        _analysis.get(doc.get("analysis"))  # refused, with the reason, unless a registered analysis made it
         t = doc["table"]
         arrays = {}
         if doc.get("arrays"):

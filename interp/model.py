@@ -77,10 +77,28 @@ class Model:
         """Tokenise text (str, list of str, or chat messages) into a :class:`Batch` with roles."""
         return encode(self, inputs, **kw)
 
-    @torch.no_grad()
-    def logits(self, inputs, **kw) -> torch.Tensor:
+    def forward(self, inputs, *specs, grad: bool = False, **kw):
+        """The model's output on ``inputs`` (anything :meth:`encode` takes) with ``specs`` applied, roles and
+        padding known to every edit; no KV cache. ``grad=True`` keeps the autograd graph."""
+        import contextlib
+
+        from .patch import patch
         batch = inputs if isinstance(inputs, Batch) else self.encode(inputs, **kw)
-        return self.hf(**batch.model_inputs()).logits
+        edits = patch(self, *specs) if specs else contextlib.nullcontext()
+        with (torch.enable_grad() if grad else torch.no_grad()), edits, self.engine.running(batch):
+            return self.hf(**batch.model_inputs(), use_cache=False)
+
+    def logits(self, inputs, *specs, grad: bool = False, **kw) -> torch.Tensor:
+        """Logits [b, T, V] on ``inputs`` with ``specs`` applied (see :meth:`forward`)."""
+        return self.forward(inputs, *specs, grad=grad, **kw).logits
+
+    def answer_logits(self, inputs, *specs, grad: bool = False, **kw) -> torch.Tensor:
+        """Logits [b, V] at each row's answer query: its ``query`` role if it has one, else its last real token."""
+        batch = inputs if isinstance(inputs, Batch) else self.encode(inputs, **kw)
+        logits = self.logits(batch, *specs, grad=grad)
+        pos = torch.tensor([r["query"][0] if r.get("query") else r.length - 1 for r in batch.roles],
+                           device=logits.device)
+        return logits[torch.arange(len(batch), device=logits.device), pos]
 
     @torch.no_grad()
     def generate(self, inputs, max_new_tokens: int = 20, **gen_kw) -> list[str]:

@@ -1,0 +1,2 @@
+"""Forward-pass analyses. Importing the package registers every one of them (``interp.analysis.REGISTRY``)."""
+from . import sinks  # noqa: F401
