@@ -26,6 +26,7 @@ built-in inputs, the ones ``interp scan`` uses.
 """
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from .errors import InterpError
@@ -46,6 +47,7 @@ class Analysis:
     title: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ("causal",)
     in_scan: ClassVar[bool] = False
+    takes_prompts: ClassVar[bool] = False  # run() takes plain prompts as inputs (`interp scan --prompts` goes there)
     figures: ClassVar[tuple[Callable | None, Callable | None]] = (None, None)
 
     def __init_subclass__(cls, **kw: Any) -> None:
@@ -78,6 +80,21 @@ class Analysis:
         if draw is None:
             raise InterpError("figures are drawn by the viz package: `import viz` first")
         return draw(finding, interactive=interactive, **kw)
+
+    def scan(self, model, prompts: list[str] | None = None, **params: Any) -> tuple["Finding", "Spec | None"]:
+        """What ``interp scan`` runs: the finding on the built-in inputs (or ``prompts``, where the analysis takes
+        plain prompts), and the spec it exports, if any; why there is none goes into the finding's notes.
+        ``params`` the analysis' ``run`` does not take are left out."""
+        sig = inspect.signature(self.run).parameters
+        kw = {k: v for k, v in params.items() if k in sig}
+        finding = self.run(model, prompts if self.takes_prompts else None, **kw)
+        spec = None
+        if self.exports_spec:
+            try:
+                spec = self.to_spec(finding, model)
+            except InterpError as e:
+                finding.notes.append(f"no spec exported: {e}")
+        return finding, spec
 
     # conveniences ---------------------------------------------------------------------------------
     def __call__(self, model, inputs: Any = None, **params: Any) -> "Finding":
