@@ -201,7 +201,7 @@ def test_diffusion_generate_trace(dif):
 def test_text_copy_batch_targets_the_repeat():
     """The text-only copy task (train.py --text-steps/--text-weight): the loss falls on the second copy only,
     and the logits at p are scored against the token at p + 1."""
-    from interp.testbed.train import TOK, make_text_batch
+    from scripts.train_testbed import TOK, make_text_batch
     b = make_text_batch(random.Random(0), 8)
     for ids, am, tg in zip(b["input_ids"], b["attention_mask"], b["targets"]):
         n_tok = int(am.sum())
@@ -216,7 +216,7 @@ def test_text_copy_batch_targets_the_repeat():
 def test_text_questions_and_chat_batch():
     """Questions answered from their own words (--text-questions, --text-chat): each answer follows from the text
     alone, and a chat sequence is scored on every next token."""
-    from interp.testbed.train import TOK, make_text_batch, text_questions
+    from scripts.train_testbed import TOK, make_text_batch, text_questions
     for q in text_questions(random.Random(1), 200):
         w = q.text.split()
         if w[:4] == ["what", "color", "is", "a"]:
@@ -237,7 +237,7 @@ def test_text_questions_and_chat_batch():
 def test_vary_background_repaints_only_the_background():
     from interp.testbed import make_scene, pixel_patch_mask
     from interp.testbed.scenes import BACKGROUND
-    from interp.testbed.train import vary_background
+    from scripts.train_testbed import vary_background
     rng = random.Random(0)
     for seed in range(5):
         s = make_scene(seed)
@@ -253,7 +253,7 @@ def test_image_attention_penalty_matches_hf_attentions():
     """The AR training penalty (--image-head-sparsity): sum over LM heads of sqrt(m + 1e-4), m the mean attention
     that question and answer tokens give to the image tokens, rebuilt here from HF's own output_attentions with the
     text positions found from the token ids; the loss is the plain one plus weight x penalty."""
-    from interp.testbed.train import TOK, build_model, compute_loss, image_attention_penalty, make_batch
+    from scripts.train_testbed import TOK, build_model, compute_loss, image_attention_penalty, make_batch
     model = build_model("ar", seed=0)
     scenes = [make_scene(scene_seed(j, 0, "train")) for j in range(3)]
     b = make_batch(scenes, "ar", random.Random(0), torch.Generator().manual_seed(0))
@@ -268,5 +268,5 @@ def test_image_attention_penalty_matches_hf_attentions():
         plain, with_penalty = compute_loss(model, b, "ar"), compute_loss(model, b, "ar", 0.01)
         assert abs(float(with_penalty - plain - 0.01 * want)) < 1e-5
     with pytest.raises(ValueError, match="negative weight"):
-        from interp.testbed.train import train
+        from scripts.train_testbed import train
         train("ar", None, image_head_sparsity=-0.01)

@@ -1,7 +1,7 @@
 """Train the testbed vision-language models.
 
-    python -m interp.testbed.train --model ar        --out interp/testbed/checkpoints/llava_ar        --seed 0
-    python -m interp.testbed.train --model diffusion --out interp/testbed/checkpoints/llada_diffusion --seed 0
+    python scripts/train_testbed.py --model ar        --out interp/testbed/checkpoints/llava_ar        --seed 0
+    python scripts/train_testbed.py --model diffusion --out interp/testbed/checkpoints/llada_diffusion --seed 0
 
 Recipe (CPU, 1 thread by default -- robust on a shared, oversubscribed machine):
 
@@ -41,6 +41,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -48,10 +49,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .diffusion import masked_diffusion_loss
-from .scenes import (COLOURS, COUNT_WORDS, N_PATCHES, NOISE_STD, QUESTION_TYPES, SHAPES, WHERE_WORDS,
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from interp.testbed.diffusion import masked_diffusion_loss  # noqa: E402
+from interp.testbed.scenes import (COLOURS,  # noqa: E402
+                                    COUNT_WORDS, N_PATCHES, NOISE_STD, QUESTION_TYPES, SHAPES, WHERE_WORDS,
                      Question, background_pixel_mask, make_scene, scene_seed)
-from .vocab import BOS, EOS, IMAGE, MASK, PAD, VOCAB, WORDS, build_tokenizer
+from interp.testbed.vocab import BOS, EOS, IMAGE, MASK, PAD, VOCAB, WORDS, build_tokenizer  # noqa: E402
 
 GEN_LEN = 3  # answer region of the diffusion model (answer + <eos> padding)
 IMAGE_MEAN = [0.5, 0.5, 0.5]
@@ -496,8 +499,8 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
           image_head_sparsity: float = 0.0,
           text_batch_size: int = 64, warmup: int = 100, eval_every: int = 500, eval_n: int = 200, test_n: int = 1000, threads: int = 1,
           log=print) -> dict:
-    from . import evaluate_accuracy
-    from .scenes import make_dataset
+    from interp.testbed import evaluate_accuracy
+    from interp.testbed.scenes import make_dataset
 
     if image_head_sparsity < 0:
         raise ValueError(f"image_head_sparsity={image_head_sparsity}: a negative weight would reward heads for reading "
@@ -572,7 +575,7 @@ def train(kind: str, out: str | None, seed: int = 0, steps: int = 3000, vision_s
         + f" overall={acc['overall']:.3f}  n={acc['n']}")
     log(f"train wall time {train_time:.0f}s, total {time.time() - t_start:.0f}s")
     meta["training"] = {
-        "command": f"python -m interp.testbed.train --model {kind} --out {out} --seed {seed}"
+        "command": f"python scripts/train_testbed.py --model {kind} --out {out} --seed {seed}"
                    + (f" --text-steps {text_steps} --text-weight {text_weight}" if text_steps or text_weight else "")
                    + (f" --weight-decay {weight_decay}" if weight_decay != 0.01 else "")
                    + (f" --text-questions {text_questions}" if text_questions else "")
