@@ -9,6 +9,7 @@ there is a single Finding class for all of them.
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,7 @@ class Finding:
         if takeaway := self.explain():
             lines.insert(0, takeaway)
         for k, v in self.metrics.items():
-            lines.append(f"  {k}: {_fmt(v)}")
+            lines.append(f"  {metric_label(k)}: {metric_value(k, v)}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -123,12 +124,28 @@ class Finding:
                    doc["prompts"], doc["metrics"], arrays, doc.get("notes", []))
 
 
-def _fmt(v) -> str:
+def metric_label(key: str) -> str:
+    """A metric key as words: ``sink_rate_token0_layers_ge2`` → "sink rate token0 layers ≥ 2"."""
+    words = re.sub(r"_ge(\d)", r" ≥ \1", str(key))
+    words = re.sub(r"_le(\d)", r" ≤ \1", words)
+    words = re.sub(r"_ci$", " (95 % CI)", words).replace("_", " ")
+    return re.sub(r"\s+", " ", words).strip()
+
+
+def metric_value(key: str, v: Any) -> str:
+    """A metric value, rounded: CIs as [lo, hi], floats to 3 significant digits, long lists shortened."""
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if str(key).endswith("_ci") and isinstance(v, (list, tuple)) and len(v) == 2 and all(
+            isinstance(x, (int, float)) for x in v):
+        return f"[{v[0]:.3g}, {v[1]:.3g}]"
     if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (list, tuple)) and len(v) > 12:
-        return f"{list(v[:12])} … ({len(v)} items)"
+        return f"{v:.3g}"
+    if isinstance(v, (list, tuple)):
+        flat = [metric_value("", x) for x in list(v)[:12]]
+        return "[" + ", ".join(flat) + (f", … ({len(v)} items)]" if len(v) > 12 else "]")
     return str(v)
+
 
 
 def _jsonable(o):

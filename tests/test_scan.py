@@ -27,7 +27,8 @@ def test_scan_writes_report_that_renders(tmp_path):
         assert res.metrics["n"] == 24 and lo <= res.metrics["delta"] <= hi
         assert main(["evaluate", str(path), "capitals", "--limit", "8"]) == 0
     html = (out / "report.html").read_text()
-    assert "<script src=" not in html
+    assert html.count('<script type="text/javascript" src="plotly.min.js">') == 1 and "http" not in html.split("<body>")[0]
+    assert (out / "plotly.min.js").stat().st_size > 1_000_000  # plotly.js once, beside the page: opens offline
     if not viz.chromium_available():
         pytest.skip("Debian chromium is not installed (scripts/setup.sh installs it when run as root)")
     errors = viz.screenshot(out / "report.html", tmp_path / "report.png")

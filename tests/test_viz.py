@@ -146,8 +146,10 @@ def findings():
 
 def test_registry_dispatch(findings):
     import matplotlib.figure
-    assert viz.plotter(findings["sinks"]) is viz.REGISTRY["probes.sinks"][0]
-    assert viz.plotter(findings["logit_lens"], interactive=True) is viz.REGISTRY["probes.logit_lens"][1]
+
+    import probes  # noqa: F401  (registers the probes and their figures)
+    from interp import analysis
+    assert viz.plotter(findings["sinks"]) is analysis.get("probes.sinks").figures[0]
     assert viz.plotter(findings["generic_bars"]) is viz.GENERIC[0]
     unknown_map = Finding("some.new_cam", pd.DataFrame({"x": [1]}), arrays={"map": torch.rand(4, 4)})
     assert viz.plotter(unknown_map).__name__ == "image_map"

@@ -1,7 +1,7 @@
 """Saving figures, the notebook HTML of a finding and the one-page offline report.
 
 Nothing here reaches the network: figures in :func:`finding_html` are inline base64 PNGs, and
-:func:`report` embeds plotly.js once, inline, in the page (no CDN, no ``require``).
+:func:`report` writes plotly.js once beside the page, as a local file (no CDN, no ``require``).
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from typing import Any, Iterable, Mapping
 
 import matplotlib as mpl
 import pandas as pd
+
+from interp.finding import metric_label, metric_value
 
 from .static import STYLE
 
@@ -43,10 +45,9 @@ def _plotly_div(fig, div_id: str | None = None) -> str:
                        config={"responsive": True, "displaylogo": False})
 
 
-def _plotlyjs_tag() -> str:
+def _plotlyjs() -> str:
     from plotly.offline import get_plotlyjs
-    return ('<script type="text/javascript">window.PlotlyConfig = {MathJaxConfig: "local"};</script>\n'
-            f'<script type="text/javascript">{get_plotlyjs()}</script>')
+    return get_plotlyjs()
 
 
 def save(fig, path: str | Path, dpi: int = 200) -> Path:
@@ -101,13 +102,6 @@ def _fmt(v: Any, n: int = 12) -> str:
     return str(v)
 
 
-def _summary(finding) -> str:
-    try:
-        return finding.summary()
-    except Exception as e:  # noqa: BLE001 - a summary must never break the page
-        return f"{getattr(finding, 'analysis', '?')} (summary failed: {e})"
-
-
 def _top_table(finding, k: int = 10) -> pd.DataFrame:
     try:
         t = finding.top(k)
@@ -125,12 +119,29 @@ def _df_html(df: pd.DataFrame) -> str:
                      float_format=lambda x: f"{x:.4g}", na_rep="")
 
 
-def _metrics_html(metrics: Mapping) -> str:
+def _metrics_html(metrics: Mapping, style: str = "") -> str:
     if not metrics:
         return "<p class='muted'>no metrics</p>"
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
+    rows = "".join(f"<tr><th>{html.escape(metric_label(k))}</th><td>{html.escape(metric_value(k, v))}</td></tr>"
                    for k, v in metrics.items())
-    return f"<table class='interp-table metrics'>{rows}</table>"
+    return f"<table class='interp-table metrics' style='{style}'>{rows}</table>"
+
+
+def _takeaway(finding) -> str:
+    try:
+        return finding.explain() or ""
+    except Exception as e:  # noqa: BLE001 - a sentence must never break the page
+        return f"(no takeaway: {type(e).__name__}: {e})"
+
+
+def _head(finding) -> str:
+    """The takeaway sentence, then the notes (why something was not computed, protocol deviations)."""
+    t = _takeaway(finding)
+    out = f'<p class="takeaway">{html.escape(t)}</p>' if t else ""
+    notes = list(getattr(finding, "notes", []) or [])
+    if notes:
+        out += "<ul class='notes'>" + "".join(f"<li>{html.escape(str(n))}</li>" for n in notes) + "</ul>"
+    return out
 
 
 _TABLE_CSS = ("border-collapse:collapse;font-size:12px;font-family:ui-monospace,Menlo,Consolas,monospace;"
@@ -141,10 +152,15 @@ def finding_html(finding, dpi: int = 110, rows: int = 10) -> str:
     """Self-contained HTML of a finding (Jupyter ``_repr_html_``): the summary, the top ``rows`` rows of the
     table and the static figure as an inline base64 PNG (no network needed)."""
     from . import plot
+    model = (finding.model or {}).get("name", "?")
     parts = ['<div class="interp-finding" style="font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;'
              'max-width:1100px">',
-             f'<pre style="background:#f6f8fa;padding:6px 8px;border-radius:4px;font-size:12px;white-space:pre-wrap">'
-             f'{html.escape(_summary(finding))}</pre>']
+             f'<div style="font-size:13px;color:#555">{html.escape(finding.analysis)} on {html.escape(str(model))}'
+             f' · {len(finding.table)} rows</div>',
+             _head(finding).replace('class="takeaway"', 'style="font-size:15px;font-weight:600;margin:4px 0"'),
+             f"<details><summary style='cursor:pointer'>metrics</summary>"
+             f"{_metrics_html(finding.metrics or {}, _TABLE_CSS)}"
+             "</details>"]
     try:
         t = _top_table(finding, rows)
         tab = _df_html(t).replace('class="dataframe interp-table"', f'class="dataframe interp-table" style="{_TABLE_CSS}"')
@@ -198,9 +214,12 @@ nav a{margin-right:14px;color:#0b5cad;text-decoration:none;white-space:nowrap}
 section{background:#fff;border:1px solid #e3e6ea;border-radius:6px;margin:16px 0;padding:12px 18px}
 section h2{font-size:18px;margin:4px 0 8px}
 section h2 small{color:#666;font-weight:400;font-size:13px}
-.cols{display:grid;grid-template-columns:minmax(260px,340px) 1fr;gap:18px;align-items:start}
+.cols{display:grid;grid-template-columns:minmax(240px,320px) minmax(0,1fr);gap:18px;align-items:start}
+@media (max-width:1100px){.cols{grid-template-columns:minmax(0,1fr)}}
+p.takeaway{font-size:15px;font-weight:600;margin:2px 0 10px;line-height:1.4}
+ul.notes{font-size:12px;color:#8a5a00;margin:0 0 8px;padding-left:18px}
+.skipped li{margin:4px 0}
 .side{font-size:12px;overflow-x:auto}
-pre.summary{background:#f6f8fa;padding:8px;border-radius:4px;font-size:12px;white-space:pre-wrap;margin:0 0 8px}
 .interp-table{border-collapse:collapse;font-size:12px;font-family:ui-monospace,Menlo,Consolas,monospace}
 .interp-table th,.interp-table td{border-bottom:1px solid #eceff2;padding:2px 6px;text-align:left;vertical-align:top}
 .interp-table th{background:#f3f5f7}
@@ -217,12 +236,13 @@ ul.files{columns:2;font-size:13px}
 
 
 def report(findings: Iterable | Mapping, out_dir: str | Path, title: str = "interp report", *, subtitle: str = "",
-           rows: int = 8, strict: bool = False) -> Path:
+           rows: int = 8, strict: bool = False, skipped: Mapping[str, str] | None = None) -> Path:
     """Write ``out_dir/report.html`` and ``out_dir/figures/<name>.png|.svg``; return the report's path.
 
     ``findings``: Findings, paths of saved findings (``.json``), or a dict ``{name: finding}``. The page has a
-    section per finding (summary, metrics, top rows and its interactive plotly figure); plotly.js is embedded
-    once, inline, so the page opens offline. ``findings/*.json`` and ``specs/*.json`` already in ``out_dir`` are
+    section per finding (its takeaway sentence first, then notes, metrics, top rows and its interactive plotly
+    figure); plotly.js is written once beside the page (``plotly.min.js``), so the page opens offline. ``skipped``
+    (``{name: reason}``) lists the analyses that could not run, with why. ``findings/*.json`` and ``specs/*.json`` already in ``out_dir`` are
     linked. A figure that fails is reported in its section (``strict=True``: raise instead)."""
     from . import plot
     out = Path(out_dir)
@@ -264,7 +284,7 @@ def report(findings: Iterable | Mapping, out_dir: str | Path, title: str = "inte
  · {len(f.table)} rows</small></h2>
  <div class="cols">
   <div class="side">
-   <pre class="summary">{html.escape(_summary(f))}</pre>
+   {_head(f)}
    <details open><summary>metrics</summary><div class="scroll">{_metrics_html(f.metrics or {})}</div></details>
    <details><summary>top {rows} rows</summary><div class="scroll">{top}</div></details>
    <p class="links">static figure: {' '.join(files) or '—'}</p>
@@ -279,12 +299,17 @@ def report(findings: Iterable | Mapping, out_dir: str | Path, title: str = "inte
             lis = "".join(f'<li><a href="{sub}/{html.escape(p.name)}">{html.escape(p.name)}</a></li>' for p in files)
             links.append(f"<h3>{sub}</h3><ul class='files'>{lis}</ul>")
     files_section = f'<section id="files"><h2>Files</h2>{"".join(links)}</section>' if links else ""
+    if skipped:
+        lis = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in skipped.items())
+        files_section = f'<section id="skipped"><h2>Not run</h2><ul class="skipped">{lis}</ul></section>' + files_section
+    (out / "plotly.min.js").write_text(_plotlyjs(), encoding="utf-8")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title>
 <style>{_CSS}</style>
-{_plotlyjs_tag()}
+<script type="text/javascript">window.PlotlyConfig = {{MathJaxConfig: "local"}};</script>
+<script type="text/javascript" src="plotly.min.js"></script>
 </head><body>
 <header><h1>{html.escape(title)}</h1><p>{html.escape(subtitle or f"{len(items)} findings")}</p></header>
 <main>
