@@ -90,20 +90,67 @@ def test_entropy_matches_patterns_and_exports_art(smol):
 
 
 def test_knockout_lowers_answer_and_empty_is_noop(smol):
-    items = facts()[:4]
-    f = knockout(smol, items, window=9, layers=[4, 14, 22], progress=False)
+    f = knockout(smol, progress=False)  # what `interp scan` runs: built-in facts, every 3rd window centre
+    assert f.params["layers"] == list(range(0, smol.n_layers, 3)) and f.metrics["n_items"] == len(facts())
     assert f.metrics["min_delta_pct"] < -10  # blocking last→subject hurts the factual answer
+    m = f.metrics
+    print(f.explain())
+    assert f.explain() == (f"Blocking last → subject attention in a 9-layer window centred at layer {m['min_layer']} "
+                           f"lowers the answer's probability by {-m['min_delta_pct']:.0f} % (mean over 8 items).")
+    items = facts()[:4]
     empty = knockout(smol, items[:2], source="none", layers=[0, 15], progress=False)
     assert (empty.table.delta_pct == 0).all()
     spec = f.to_spec(model=smol)
     b = smol.encode(items[0]["prompt"], roles={"subject": items[0]["subject"]})
-    with interp.patch(smol, spec), smol.engine.running(b):
-        p = torch.softmax(smol.logits(b)[0, -1], -1)
+    p = torch.softmax(smol.logits(b, spec)[0, -1], -1)
     p0 = torch.softmax(smol.logits(b)[0, -1], -1)
     assert p[p0.argmax()] < p0.max()
     # the exported spec is evaluable on the shipped capitals task (its items name their subject)
     res = interp.evaluate(smol, spec, "capitals", limit=24)
     assert res.metrics["with"] < res.metrics["without"] and res.metrics["delta_ci"][1] < 0
+
+
+def test_knockout_per_item_edges_keep_their_own_labels(smol):
+    """Two edges with per-item selectors used to share the label "per-item→last", so the table averaged them."""
+    items = facts()[:3]
+    subj = tuple(smol.encode(x["prompt"], roles={"subject": x["subject"]}).roles[0]["subject"] for x in items)
+    first = tuple([1] for _ in items)
+    f = knockout(smol, items, edges=[(subj, "last"), (first, "last")], layers=[12], progress=False)
+    t = f.table
+    assert len(t) == 2 and t.edge.nunique() == 2, t
+    d = f.arrays["per_item"][:, :, 0]  # [item, edge]
+    assert torch.allclose(torch.tensor(t.delta_pct.tolist()), d.mean(0).double().float(), atol=1e-5)
+    # the subject edge equals the same knockout addressed by role; the other edge differs from it
+    by_role = knockout(smol, items, layers=[12], progress=False)
+    assert abs(float(by_role.table.delta_pct[0]) - float(t.delta_pct[0])) < 1e-4
+    assert abs(float(t.delta_pct[0]) - float(t.delta_pct[1])) > 1.0
+    # named edges keep their names
+    g = knockout(smol, items[:1], edges=[("role:subject", "last", "subject"), ("none", "last", "nothing")],
+                 layers=[12], progress=False)
+    assert list(g.table.edge) == ["subject", "nothing"]
+
+
+def test_knockout_figure_says_windows_are_centred():
+    import viz
+    from interp.finding import Finding
+    import pandas as pd
+    f = Finding("probes.knockout", pd.DataFrame({"layer": [0, 3, 6], "edge": ["role:subject→last"] * 3,
+                                                  "delta_pct": [-5.0, -40.0, -2.0]}), {"window": 9})
+    for fig in (f.plot(), f.plot(interactive=True)):
+        label = fig.axes[0].get_xlabel() if hasattr(fig, "axes") else fig.layout.xaxis.title.text
+        assert "centre" in label and "start" not in label, label
+
+
+def test_knockout_refuses_bad_input_and_leaves_model_unhooked(smol):
+    b = smol.encode("The capital of France is")
+    before = smol.logits(b)
+    with pytest.raises(interp.InterpError, match="outside"):
+        knockout(smol, ["The capital of France is"], source="0", layers=[smol.n_layers], progress=False)
+    with pytest.raises(interp.InterpError, match="answers"):
+        knockout(smol, ["The capital of France is"], source="0", layers=[1], answers=[1, 2], progress=False)
+    with pytest.raises(interp.InterpError, match="per-item"):
+        knockout(smol, ["The capital of France is"], source=([0], [1]), layers=[1], progress=False)
+    assert torch.equal(smol.logits(b), before)
 
 
 def test_secondary_sinks_runs(smol):

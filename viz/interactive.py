@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .static import (GREY, NEG, OKABE_ITO, POS, arr, causal_masked, clean_token, has, image_hwc, is_signed,
+                     knockout_xlabel,
                      layer_curve_cols, lifetime_rows, logit_lens_grid, pick_map, pivot, saliency_map,
                      score_col, step_labels, massive_dims, sym_lim, table, title_of, token_labels, type_color, value_error_cols,
                      LABEL_COLS)
@@ -330,7 +331,7 @@ def knockout(finding, **kw) -> go.Figure:
                                  hovertemplate="%{fullData.name}<br>layer %{x}<br>Δ %{y:.3g} %"
                                  " ± %{customdata[0]:.3g} (n=%{customdata[1]})<extra></extra>"))
     fig.add_hline(y=0, line=dict(color="gray", dash="dash", width=1))
-    fig.update_xaxes(title_text="layer")
+    fig.update_xaxes(title_text=_h(knockout_xlabel(finding)))
     fig.update_yaxes(title_text="Δ target probability (%)")
     return _layout(fig, _h(title_of(finding, "Attention knockout")), 420, legend_title_text="edge")
 

@@ -706,6 +706,12 @@ def logit_lens(finding, max_cols: int = 20, **kw) -> Figure:
     return fig
 
 
+def knockout_xlabel(finding) -> str:
+    """Knockout windows are centred on the plotted layer."""
+    k = (getattr(finding, "params", None) or {}).get("window")
+    return f"layer at the centre of the {k}-layer knockout window" if k else "layer"
+
+
 @styled
 def knockout(finding, **kw) -> Figure:
     """Δ% of the target after knocking out each edge, per layer (one curve per edge; ±std band)."""
@@ -724,7 +730,7 @@ def knockout(finding, **kw) -> Figure:
             sd = s["std"].fillna(0).to_numpy()
             ax.fill_between(x, s["mean"] - sd, s["mean"] + sd, color=c, alpha=0.15, lw=0)
     ax.axhline(0, color="0.35", lw=0.8, ls="--", zorder=0)
-    ax.set_xlabel("layer (knockout window start)" if (finding.params or {}).get("window") else "layer")
+    ax.set_xlabel(knockout_xlabel(finding))
     ax.set_ylabel("Δ target probability (%)")
     ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
     if d["edge"].nunique() > 1 or d["edge"].iloc[0] != "knockout":
