@@ -1,3 +1,4 @@
 """Forward-pass analyses. Importing the package registers every one of them (``interp.analysis.REGISTRY``)."""
 from . import sinks  # noqa: F401
 from . import knockout, linear, logit_lens  # noqa: F401
+from . import dla  # noqa: F401

@@ -471,3 +471,58 @@ def localisation(finding, score: str = "pointing", **kw) -> go.Figure:
         fig.update_xaxes(title_text="layer", row=1, col=2)
         fig.update_yaxes(title_text="last-token attention share", range=[0, 1], row=1, col=2)
     return _layout(fig, _h(title_of(finding)), 460)
+
+
+
+# --------------------------------------------------------------------------------------------
+# causal selection: direct logit attribution, activation-patching sweeps, attribution patching
+# --------------------------------------------------------------------------------------------
+def causal_grid(finding, **kw) -> go.Figure:
+    """The panels of :func:`viz.static.causal_grid`, with every cell's value in the hover text."""
+    from .static import causal_panels
+    panels = causal_panels(finding)
+    if not panels:
+        return generic(finding, **kw)
+    n = len(panels)
+    fig = make_subplots(1, n, horizontal_spacing=0.14, subplot_titles=[_h(p[2]) for p in panels])
+    L = panels[0][0].shape[0]
+    for i, (M, xkind, label, labels) in enumerate(panels, 1):
+        xs = list(range(M.shape[1]))
+        fig.add_trace(go.Heatmap(z=_grid(M), x=xs, y=list(range(L)), hoverongaps=False, name=_h(label),
+                                 colorbar=_cbar(fig, i, label, n),
+                                 customdata=[[_h(t) for t in labels]] * L if labels else None,
+                                 hovertemplate="layer %{y}<br>" + xkind + " %{x}" +
+                                 (" %{customdata}" if labels else "") + "<br>%{z:.4g}<extra></extra>",
+                                 **_heat_kw(M, signed=True)), 1, i)
+        fig.update_xaxes(title_text=xkind, row=1, col=i, showgrid=False, zeroline=False,
+                         **(_tick_axis(labels) if labels else _int_axis(xs)))
+        fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=i, showgrid=False, zeroline=False)
+    t = title_of(finding, (finding.params or {}).get("figure_title", ""))
+    return _layout(fig, _h(t), max(420, min(900, 14 * L + 180)))
+
+
+def dla(finding, **kw) -> go.Figure:
+    """Head contributions and per-layer attention / MLP contributions to the logit (hover: values)."""
+    df = table(finding)
+    H = arr(finding, "heads")
+    if H is None or not has(df, "kind", "layer", "score"):
+        return generic(finding, **kw)
+    L = H.shape[0]
+    fig = make_subplots(1, 2, horizontal_spacing=0.16, subplot_titles=["attention heads", "per layer"])
+    fig.add_trace(_layer_head_heat(fig, list(range(L)), list(range(H.shape[1])), H, "direct effect", 1, 2,
+                                   signed=True), 1, 1)
+    _layer_head_axes(fig, list(range(L)), list(range(H.shape[1])), 1, 1)
+    attn = df[df.kind.isin(["head", "attn_bias"])].groupby("layer")["score"].sum().reindex(range(L), fill_value=0)
+    mlp = df[df.kind == "mlp"].set_index("layer")["score"].reindex(range(L), fill_value=0)
+    for name, s, c in (("attention", attn, POS), ("MLP", mlp, NEG)):
+        fig.add_trace(go.Bar(y=list(range(L)), x=s.tolist(), orientation="h", name=name, marker_color=c,
+                             hovertemplate=name + "<br>layer %{y}: %{x:.4g}<extra></extra>"), 1, 2)
+    fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=2)
+    fig.update_xaxes(title_text="direct effect (logit units)", row=1, col=2)
+    return _layout(fig, _h(title_of(finding, "Direct logit attribution")), max(420, min(900, 14 * L + 180)),
+                   barmode="group")
+
+
+patching_sweep = causal_grid
+atp = causal_grid
+# end of causal selection figures

@@ -919,3 +919,80 @@ def localisation(finding, score: str = "pointing", **kw) -> Figure:
         axes[1].set_title("Attention share per layer" + ("" if cliff is not None else " (no cliff)"))
     fig.suptitle(title_of(finding), x=0.01, ha="left")
     return fig
+
+
+
+# --------------------------------------------------------------------------------------------
+# causal selection: direct logit attribution, activation-patching sweeps, attribution patching
+# --------------------------------------------------------------------------------------------
+def _collapse_positions(M: np.ndarray) -> np.ndarray:
+    """[L, H, T] -> [L, H]: per (layer, head) the value of largest magnitude over positions (sign kept)."""
+    if M.ndim < 3:
+        return M
+    idx = np.nanargmax(np.abs(np.nan_to_num(M)), axis=-1)
+    return np.take_along_axis(M, idx[..., None], -1)[..., 0]
+
+
+def causal_panels(finding) -> list[tuple[np.ndarray, str, str, list[str] | None]]:
+    """(matrix [layer, x], x-axis label, colorbar label, x tick labels) for each grid of a dla / patching /
+    atp finding, named in ``params["panels"]`` as [array, x kind ("head" | "position"), label]."""
+    out = []
+    for name, xkind, label in (getattr(finding, "params", None) or {}).get("panels", []):
+        M = arr(finding, name)
+        if M is None:
+            continue
+        M = _collapse_positions(M) if xkind == "head" else M
+        if M.ndim != 2:
+            continue
+        labels = token_labels(finding, M.shape[1]) if xkind == "position" else None
+        out.append((M, xkind, label, labels))
+    return out
+
+
+@styled
+def causal_grid(finding, **kw) -> Figure:
+    """One signed heatmap per grid (layer × head or layer × position) of a causal-selection finding."""
+    panels = causal_panels(finding)
+    if not panels:
+        return generic.__wrapped__(finding, **kw)
+    L = panels[0][0].shape[0]
+    fig, axes = new_fig(len(panels), (4.4 * len(panels) + 0.6, max(3.2, min(9.0, 0.2 * L + 1.6))))
+    for ax, (M, xkind, label, labels) in zip(axes, panels):
+        heat(fig, ax, M, xlabel=xkind, ylabel="layer", cbar=label, signed=True, xlabels=labels)
+        ax.set_title(mpl_text(label))
+    fig.suptitle(mpl_text(title_of(finding, (finding.params or {}).get("figure_title", ""))), x=0.01, ha="left")
+    return fig
+
+
+@styled
+def dla(finding, **kw) -> Figure:
+    """Head contributions (layer × head) and, per layer, the attention and MLP contributions to the logit."""
+    df = table(finding)
+    H = arr(finding, "heads")
+    if H is None or not has(df, "kind", "layer", "score"):
+        return generic.__wrapped__(finding, **kw)
+    L = H.shape[0]
+    fig, (a1, a2) = new_fig(2, (10.0, max(3.4, min(9.0, 0.2 * L + 1.8))), width_ratios=[1.1, 1.0])
+    heat(fig, a1, H, xlabel="head", ylabel="layer", cbar="direct effect (logit units)", signed=True)
+    a1.set_title("Attention heads")
+    attn = df[df.kind.isin(["head", "attn_bias"])].groupby("layer")["score"].sum().reindex(range(L), fill_value=0)
+    mlp = df[df.kind == "mlp"].set_index("layer")["score"].reindex(range(L), fill_value=0)
+    y = np.arange(L)
+    a2.barh(y - 0.2, attn.to_numpy(), height=0.4, color=POS, label="attention")
+    a2.barh(y + 0.2, mlp.to_numpy(), height=0.4, color=NEG, label="MLP")
+    a2.axvline(0, color="0.35", lw=0.8)
+    a2.invert_yaxis()
+    a2.set_ylabel("layer")
+    a2.set_xlabel("direct effect (logit units)")
+    emb = df[df.kind == "embed"]["score"]
+    a2.set_title("Per layer" + (f" (embedding {float(emb.iloc[0]):+.2f})" if len(emb) else ""))
+    a2.legend()
+    m = finding.metrics or {}
+    what = "logit difference" if m.get("foil") else "logit"
+    fig.suptitle(mpl_text(title_of(finding, f"Direct logit attribution of the {what}")), x=0.01, ha="left")
+    return fig
+
+
+patching_sweep = causal_grid
+atp = causal_grid
+# end of causal selection figures
