@@ -25,7 +25,8 @@ def evaluate(model, spec: Spec | list[Spec], task: Task | str, *, limit: int | N
     me, le, he = bootstrap_ci(edited, seed=seed)
     md, ld, hd = bootstrap_ci(diff, seed=seed)
     metric = "accuracy" if task.kind in ("next_token", "choice", "vqa") else "nll"
-    if task.kind == "vqa" and task.items[0].get("score") == "logprob":
+    first = task.items[0]
+    if task.kind == "vqa" and (first.get("score") if isinstance(first, dict) else first.meta.get("score")) == "logprob":
         metric = "logprob"
     table = pd.DataFrame({"item": range(len(base)), "without": base, "with": edited, "delta": diff})
     metrics = {"task": task.name, "kind": task.kind, "metric": metric, "n": len(base),

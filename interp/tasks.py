@@ -8,10 +8,12 @@ its ``kind``:
 * ``choice`` -- ``{"prompt", "choices", "answer"}``: multiple choice by summed log-likelihood of each
   choice's tokens after the prompt; ``answer`` is the index of the right choice.
 * ``perplexity`` -- ``{"text"}``: per-item mean token negative log-likelihood (nats).
-* ``vqa`` -- ``{"scene_seed", "question", "answer"}``: a question about the testbed scene ``make_scene(scene_seed)``
-  (:mod:`interp.testbed`); correct when the argmax at the answer position is the answer's first word (AR: the
-  next token after the prompt; masked diffusion: the first position of the fully masked answer region); with
-  ``"score": "logprob"`` the item scores log p(answer's first word) there instead.
+* ``vqa`` -- a question about an image: :class:`interp.vlm.VQAItem` objects (a task built in Python,
+  ``Task(name, "vqa", [VQAItem(...), ...])``), or JSON objects ``{"question", "answer", ...}`` that a registered
+  item source turns into VQAItems (the testbed's: ``"scene_seed"``, the scene ``make_scene(scene_seed)``);
+  correct when the argmax at the answer position is the answer's first token (AR: the next token after the
+  prompt; masked diffusion: the first position of the fully masked answer region); with ``"score": "logprob"``
+  (a VQAItem: ``meta={"score": "logprob"}``) the item scores log p(answer's first token) there instead.
 
     import interp
     from interp.tasks import load_task, score_items, bootstrap_ci
@@ -49,7 +51,7 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "next_token": {"prompt": (str,), "answer": (str,)},
     "choice": {"prompt": (str,), "choices": (list,), "answer": (int,)},
     "perplexity": {"text": (str,)},
-    "vqa": {"scene_seed": (int,), "question": (str,), "answer": (str,)},
+    "vqa": {"question": (str,), "answer": (str,)},
 }
 
 LogitsFn = Callable[..., Sequence[torch.Tensor]]  # fn(seqs) or fn(seqs, roles) -> one [T, V] tensor per seq
@@ -214,6 +216,8 @@ def _item_roles(tok, items: list[dict]) -> list[dict] | None:
         enc = tok(it["prompt"], return_offsets_mapping=True, add_special_tokens=True)
         r = {}
         for name, sub in it.get("roles", {}).items():
+            if not isinstance(sub, str) or not sub:
+                raise InterpError(f"item {k}: role {name!r} must be a non-empty substring of its prompt, got {sub!r}")
             hits, start = [], 0
             while (a := it["prompt"].find(sub, start)) >= 0:
                 hits += _char_span_tokens(enc["offset_mapping"], a, a + len(sub))
@@ -286,8 +290,10 @@ def score_items(task: Task | str | Path, model, logits_fn: LogitsFn | None = Non
         return [float(max(range(len(ll)), key=ll.__getitem__) == it["answer"]) for ll, it in zip(lls, task.items)]
 
     if task.kind == "vqa":
-        from .testbed.items import score_vqa
-        return score_vqa(task.items, model, batch_size=max(batch_size, 64))
+        from .vlm import as_items, score_vqa
+        items = as_items(task.items)
+        return score_vqa(model, items, logprob=[it.meta.get("score") == "logprob" for it in items],
+                         batch_size=max(batch_size, 64))
 
     if task.kind == "perplexity":
         seqs = [_ids(tok, it["text"]) for it in task.items]

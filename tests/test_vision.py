@@ -229,4 +229,4 @@ def test_vqa_task_scores_equal_hf_and_evaluate(tb, capsys, tmp_path):
     from interp.cli import main
     assert main(["evaluate", str(path), "testbed_vqa", "--model", m.name, "--limit", "30"]) == 0
     out = capsys.readouterr().out
-    assert "testbed_vqa (accuracy, n=30)" in out and "without 1.0000" in out
+    assert "testbed_vqa (accuracy, n=30)" in out and "without 1.000" in out

@@ -50,6 +50,8 @@ from .scenes import (
 )
 from .vocab import COLOURS, SHAPES, VOCAB, build_tokenizer
 
+from . import items as _items  # noqa: E402,F401  (registers the scene_seed item source with interp.vlm)
+
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 TESTBED_NAMES = ("llava_ar", "llada_diffusion")
 
