@@ -42,21 +42,30 @@ def plotter(finding, interactive: bool = False) -> Callable:
 def plot(finding, interactive: bool = False, **kw):
     """A matplotlib Figure (``interactive=False``) or a plotly Figure of ``finding``; ``kw`` go to the figure
     function (e.g. ``layer=`` for per-layer maps, ``n_tokens=`` for sinks, ``window=`` for massive)."""
-    if not interactive and "IPython" in sys.modules:
+    if "IPython" in sys.modules:
         _enable_inline()
     return plotter(finding, interactive)(finding, **kw)
 
 
 def _enable_inline() -> None:
-    """In a Jupyter kernel, importing pyplot registers the inline PNG formatter, so a returned Figure displays."""
+    """In a Jupyter kernel, show matplotlib Figures as PNG wherever they are returned (our figures are built
+    without pyplot, so no backend registers a display for them); done once per kernel."""
     try:
         from IPython import get_ipython
-        if get_ipython() is not None and "matplotlib.pyplot" not in sys.modules:
-            import matplotlib.pyplot  # noqa: F401
+        ip = get_ipython()
+        if ip is None or getattr(ip, "_interp_png", False):
+            return
+        from matplotlib.figure import Figure
+
+        from .report import _mpl_bytes
+        ip.display_formatter.formatters["image/png"].for_type(Figure, lambda fig: _mpl_bytes(fig, "png", 110))
+        ip._interp_png = True
     except Exception:  # noqa: BLE001 - display is a convenience
         pass
 
 
 analysis.install_views(figure=plot, html=finding_html)
+if "IPython" in sys.modules:
+    _enable_inline()
 
 __all__ = ["plot", "save", "finding_html", "report", "screenshot", "chromium_available", "plotter"]
