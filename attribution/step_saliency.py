@@ -23,7 +23,7 @@ t2s^l = mean M^l[summary, thinking]; deep_decay = mean t2s over the deep third /
 (< 1: the flow from thinking into the summary fades with depth); deep_decay_share does the same for
 the share of the summary rows' mass that lands on thinking steps.
 
-``to_spec``: OEB (``attn.oeb``, shallow layers 0..round(L/4)−1, the source's 0..6 of 28) with S = the
+``StepSaliency.to_spec``: OEB (``attn.oeb``, shallow layers 0..round(L/4)−1, the source's 0..6 of 28) with S = the
 summary (plus generated tokens) and B = the thinking; SMI (``attn.smi``, layers ≥ round(3L/4), the
 source's 21 of 28) with source = the w = 4 tokens before the query ("-5:-1"). The source fires SMI only
 at the first token of a new thinking step, where those are the last w tokens of the step just closed;
@@ -40,7 +40,10 @@ import torch
 
 import interp
 from attribution.saliency import saliency
+from interp.analysis import Analysis
 from interp.finding import Finding
+from viz import interactive as _interactive
+from viz import static as _static
 
 TEMPLATE = "{question}\n<think>\n{thinking}\n</think>\n{summary}"
 
@@ -171,6 +174,26 @@ def encode_steps(model, question: str, thinking: str, summary: str, *, thinking_
     return batch, steps
 
 
+def _parts(inputs, question, thinking, summary) -> dict[str, str]:
+    """question / thinking / summary from a dict (or None: EXAMPLES[0]) or the question with the other two."""
+    if inputs is None and question is None:
+        inputs = EXAMPLES[0] if thinking is None and summary is None else None
+    if isinstance(inputs, dict):
+        missing = {"question", "thinking", "summary"} - set(inputs)
+        if missing:
+            raise interp.InterpError(f"step_saliency inputs lack {sorted(missing)}: give a dict with question, thinking "
+                                     "and summary (like an entry of EXAMPLES)")
+        question, thinking, summary = inputs["question"], inputs["thinking"], inputs["summary"]
+    elif isinstance(inputs, str):
+        question = inputs
+    elif inputs is not None:
+        raise interp.InterpError(f"step_saliency takes a dict with question, thinking and summary, not "
+                                 f"{type(inputs).__name__}")
+    if not all(isinstance(x, str) for x in (question, thinking, summary)):
+        raise interp.InterpError("step_saliency needs the question, the thinking and the summary, each a string")
+    return {"question": question, "thinking": thinking, "summary": summary}
+
+
 # ----------------------------------------------------------------------------- pooling and metrics
 def step_map(I: torch.Tensor, steps: list[dict]) -> torch.Tensor:
     """M [L, S, S]: M^l[a, b] = mean_{i∈a, j∈b} I^l[i, j] for I [L, T, T]."""
@@ -220,47 +243,72 @@ def step_metrics(M: torch.Tensor, kinds: list[str], near: int = 1) -> tuple[pd.D
     return table, metrics
 
 
-def step_saliency(model: interp.Model, question: str, thinking: str, summary: str, *, thinking_steps=None,
-                  summary_steps=None, template: str = TEMPLATE, chat: bool = False, target="loss",
-                  near: int = 1) -> Finding:
-    """Step × step saliency maps M [L, S, S] and the StepFlow metrics for one question/thinking/summary."""
-    batch, steps = encode_steps(model, question, thinking, summary, thinking_steps=thinking_steps,
-                                summary_steps=summary_steps, template=template, chat=chat)
-    tok = saliency(model, batch, target=target, head_reduce="mean_abs")
-    M = step_map(tok.arrays["I"], steps)
-    kinds = [st["kind"] for st in steps]
-    table, metrics = step_metrics(M, kinds, near)
-    seg = {k: [kinds.index(k), len(kinds) - kinds[::-1].index(k)] if k in kinds else [0, 0]
-           for k in ("question", "thinking", "summary")}
-    params = {"steps": [st["text"] for st in steps], "kinds": kinds, "seg": seg, "near": near,
-              "target": tok.params["target"], "chat": chat, "template": template,
-              "question": question, "thinking": thinking, "summary": summary,
-              "step_tokens": [st["tokens"] for st in steps], "tokens": batch.tokens[0]}
-    return Finding("attribution.step_saliency", table, params, model.identity(), tok.prompts, metrics,
-                   {"M": M, "M_mean": M.mean(0)})
+class StepSaliency(Analysis):
+    """Step × step saliency maps M [L, S, S], the StepFlow metrics, and the OEB / SMI repairs as specs."""
+
+    name = "attribution.step_saliency"
+    title = "Step-Saliency (StepFlow)"
+    requires = ("causal",)
+    figures = (_static.saliency, _interactive.saliency)
+
+    def run(self, model: interp.Model, inputs=None, thinking: str | None = None, summary: str | None = None, *,
+            question: str | None = None, thinking_steps=None, summary_steps=None, template: str = TEMPLATE,
+            chat: bool = False, target="loss", near: int = 1) -> Finding:
+        """Step × step saliency maps M [L, S, S] and the StepFlow metrics for one question/thinking/summary.
+
+        ``inputs``: a dict with ``question``, ``thinking`` and ``summary`` (e.g. an entry of :data:`EXAMPLES`),
+        or the question string with ``thinking`` and ``summary`` given; None: ``EXAMPLES[0]``."""
+        parts = _parts(inputs, question, thinking, summary)
+        batch, steps = encode_steps(model, **parts, thinking_steps=thinking_steps, summary_steps=summary_steps,
+                                    template=template, chat=chat)
+        tok = saliency(model, batch, target=target, head_reduce="mean_abs")
+        M = step_map(tok.arrays["I"], steps)
+        kinds = [st["kind"] for st in steps]
+        table, metrics = step_metrics(M, kinds, near)
+        seg = {k: [kinds.index(k), len(kinds) - kinds[::-1].index(k)] if k in kinds else [0, 0]
+               for k in ("question", "thinking", "summary")}
+        params = {"steps": [st["text"] for st in steps], "kinds": kinds, "seg": seg, "near": near,
+                  "target": tok.params["target"], "chat": chat, "template": template, **parts,
+                  "step_tokens": [st["tokens"] for st in steps], "tokens": batch.tokens[0]}
+        return Finding(self.name, table, params, model.identity(), tok.prompts, metrics,
+                       {"M": M, "M_mean": M.mean(0)})
+
+    def __call__(self, model, inputs=None, *args, **params) -> Finding:
+        """Also ``step_saliency(model, question, thinking, summary)``, the call before the analysis contract."""
+        return self.run(model, inputs, *args, **params)
+
+    def to_spec(self, finding: Finding, model: interp.Model, *, method: str = "oeb", layers: list[int] | None = None,
+                heads: list[int] | str = "all", queries="last", tau_max: float = 0.15, segment="role:summary",
+                bridge="role:think", scale: float = 0.06, window: int = 4, source=None) -> interp.Spec:
+        """OEB in the shallow layers or SMI in the deep layers (module docstring). Replay with the roles of
+        :func:`encode_steps` (``model.generate(batch)`` inside ``interp.patch``)."""
+        L = model.n_layers
+        if method == "oeb":
+            layers = list(range(max(1, round(L / 4)))) if layers is None else layers
+            edit = {"op": "attn.oeb", "layers": layers, "heads": heads, "queries": queries, "segment": segment,
+                    "bridge": bridge, "tau_max": tau_max}
+            params = {"tau_max": tau_max}
+        elif method == "smi":
+            layers = list(range(round(0.75 * L), L)) if layers is None else layers
+            edit = {"op": "attn.smi", "layers": layers, "heads": heads, "queries": queries,
+                    "source": source if source is not None else f"-{window + 1}:-1", "scale": scale}
+            params = {"scale": scale, "window": window}
+        else:
+            raise interp.InterpError(f"unknown method {method!r}: use 'oeb' or 'smi'")
+        keep = {k: finding.params[k] for k in ("steps", "kinds", "target") if k in finding.params}
+        return interp.Spec.for_model(model, [edit], analysis=self.name, prompts=finding.prompts,
+                                     params={**keep, "method": method, **params,
+                                             "metrics": {k: finding.metrics[k] for k in
+                                                         ("shallow_lock_in", "deep_decay") if k in finding.metrics}})
+
+    def explain(self, finding: Finding) -> str:
+        m = finding.metrics
+        decay = m["deep_decay"]
+        trend = "fades" if decay < 1 else "grows"
+        return (f"Across {m['n_steps']} reasoning steps, the shallow third of the layers keeps "
+                f"{100 * m['shallow_lock_in']:.0f} % of its step-to-step saliency on the current and previous step, "
+                f"and the flow from the thinking into the summary {trend} with depth (deep layers carry "
+                f"{decay:.2f}× the shallow layers' flow).")
 
 
-# ----------------------------------------------------------------------------- spec
-def to_spec(finding: Finding, model: interp.Model, *, method: str = "oeb", layers: list[int] | None = None,
-            heads: list[int] | str = "all", queries="last", tau_max: float = 0.15, segment="role:summary",
-            bridge="role:think", scale: float = 0.06, window: int = 4, source=None) -> interp.Spec:
-    """OEB in the shallow layers or SMI in the deep layers (module docstring). Replay with the roles of
-    :func:`encode_steps` (``model.generate(batch)`` inside ``interp.patch``)."""
-    L = model.n_layers
-    if method == "oeb":
-        layers = list(range(max(1, round(L / 4)))) if layers is None else layers
-        edit = {"op": "attn.oeb", "layers": layers, "heads": heads, "queries": queries, "segment": segment,
-                "bridge": bridge, "tau_max": tau_max}
-        params = {"tau_max": tau_max}
-    elif method == "smi":
-        layers = list(range(round(0.75 * L), L)) if layers is None else layers
-        edit = {"op": "attn.smi", "layers": layers, "heads": heads, "queries": queries,
-                "source": source if source is not None else f"-{window + 1}:-1", "scale": scale}
-        params = {"scale": scale, "window": window}
-    else:
-        raise interp.InterpError(f"unknown method {method!r}: use 'oeb' or 'smi'")
-    keep = {k: finding.params[k] for k in ("steps", "kinds", "target") if k in finding.params}
-    return interp.Spec.for_model(model, [edit], analysis="attribution.step_saliency", prompts=finding.prompts,
-                                 params={**keep, "method": method, **params,
-                                         "metrics": {k: finding.metrics[k] for k in
-                                                     ("shallow_lock_in", "deep_decay") if k in finding.metrics}})
+step_saliency = StepSaliency()

@@ -68,6 +68,23 @@ def test_step_map_is_lower_triangular_and_pools_token_saliency(smol, ex):
     print({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in m.items()})
 
 
+def test_analysis_contract_inputs_and_explain(smol, ex):
+    """Built-in inputs are EXAMPLES[0]; a dict and the old positional call give the same maps; one sentence."""
+    _, steps, f = ex
+    e = EXAMPLES[0]
+    assert torch.equal(step_saliency(smol).arrays["M"], f.arrays["M"])
+    assert torch.equal(step_saliency(smol, e["question"], e["thinking"], e["summary"]).arrays["M"], f.arrays["M"])
+    assert f.analysis == "attribution.step_saliency" and interp.analysis.get(f.analysis).exports_spec
+    text = f.explain()
+    print(text)
+    m = f.metrics
+    assert f"{100 * m['shallow_lock_in']:.0f} %" in text and f"{m['deep_decay']:.2f}" in text and text.endswith(".")
+    with pytest.raises(interp.InterpError, match="lack"):
+        step_saliency(smol, {"question": "q"})
+    with pytest.raises(interp.InterpError, match="each a string"):
+        step_saliency(smol, "only a question")
+
+
 # ---------------------------------------------------------------------------------- OEB
 def test_oeb_puts_tau_b_on_the_bridge_and_keeps_other_mass(smol, short):
     batch = short
