@@ -20,6 +20,11 @@ visual), and the removed mass Ω = (1−p)Σ_{sinks} a goes to the non-sink imag
 their weights (``attn.scale_weights`` with ``keys: sink``, ``redistribute_to: role:image``, p = 0.6).
 Here the queries are the answer queries (``last`` for AR, the masked answer region for diffusion) and
 heads are selected statically (selected on ≥ half the prompts); the paper selects per (h, q) at run time.
+
+Inputs: :class:`interp.vlm.VQAItem` items, a Batch, or anything ``model.encode`` takes with the image tokens in
+it (and ``pixel_values``). The answer query is each row's ``query`` role, else its last real token. Where the
+rows say where the objects are (role ``objects``), the share of image sinks on the background is reported;
+otherwise that metric is None and a note says why.
 """
 from __future__ import annotations
 
@@ -30,8 +35,12 @@ import torch
 
 import interp
 from interp.capture import QueryRow
+from interp import vlm
+from interp.analysis import Analysis
 from interp.finding import Finding, digest
-from interp.testbed.items import encode_items, slice_batch
+from interp.roles import Batch, Roles
+from viz import interactive as _interactive
+from viz import static as _static
 
 
 def _rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -52,18 +61,73 @@ def calibrate_dims(model: interp.Model, batch, layer: int | None = None, k: int 
     return [int(c) for c in xb.abs().median(0).values.topk(k).indices]
 
 
-def visual_sinks(model: interp.Model, items: list, *, dims: list[int] | None = None, tau: float | None = None,
-                 rho: float = 0.5, summ: float = 0.2, chunk: int = 128) -> Finding:
-    """φ per (item, layer, token), the image sinks, and the image-centric heads at the answer query.
+def _batch(model: interp.Model, inputs, gen_len: int | None) -> Batch:
+    """The inputs as a Batch whose every row has image tokens and a ``query`` role (its last real token if none)."""
+    if inputs is None:
+        from interp.testbed.items import default_items
+        inputs = default_items(model)
+    if isinstance(inputs, vlm.VQAItem) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], vlm.VQAItem)):
+        batch = vlm.encode_vqa(model, inputs, gen_len=gen_len)
+    else:
+        batch = model.encode(inputs)
+    no_image = [i for i, r in enumerate(batch.roles) if not r.get("image")]
+    if no_image:
+        raise interp.InterpError(f"rows {no_image[:5]} have no image tokens: visual sinks are image tokens, so give a "
+                                 "vision-language model inputs with its image tokens and pixel_values")
+    if "pixel_values" not in batch.extra:
+        raise interp.InterpError("the inputs have image tokens but no pixel_values: give the image too")
+    roles = [r if r.get("query") else Roles({**r, "query": [r.length - 1]}, length=r.length) for r in batch.roles]
+    return Batch(batch.input_ids, batch.attention_mask, roles, batch.tokens, batch.texts, batch.extra)
 
-    ``items``: (scene, question) pairs of the testbed (or a ready Batch with ``image`` and ``query`` roles)."""
-    batch = items if isinstance(items, interp.Batch) else encode_items(model, items)
+
+class VisualSinks(Analysis):
+    """φ per (item, layer, token), the image sinks, and the image-centric heads at the answer query."""
+
+    name = "probes.visual_sinks"
+    title = "Visual attention sinks"
+    requires = ("vision",)
+    in_scan = True
+    figures = (_static.generic, _interactive.generic)
+
+    def run(self, model: interp.Model, inputs=None, *, dims: list[int] | None = None, tau: float | None = None,
+            rho: float = 0.5, summ: float = 0.2, chunk: int = 128, gen_len: int | None = None) -> Finding:
+        """``inputs``: VQAItems, a Batch, or what ``model.encode`` takes (None: the testbed's held-out items)."""
+        return _run(model, _batch(model, inputs, gen_len), dims, tau, rho, summ, chunk)
+
+    def to_spec(self, finding: Finding, model: interp.Model, *, p: float = 0.6, layers: list[int] | None = None,
+                min_rate: float = 0.5, queries: str | None = None) -> interp.Spec:
+        """VAR: in the image-centric heads (selected on ≥ ``min_rate`` of the prompts), scale the attention of the
+        answer queries to every sink by p and give the removed mass to the non-sink image tokens.
+        ``layers`` default: 2..L−2 as in the paper (except the last), or 1..L−1 for models of < 5 layers."""
+        L = model.n_layers
+        layers = layers if layers is not None else (list(range(2, L - 1)) if L >= 5 else list(range(1, L)))
+        t = finding.table[(finding.table.score >= min_rate) & finding.table.layer.isin(layers)]
+        if t.empty:
+            raise interp.InterpError("no image-centric heads in the chosen layers: lower min_rate or widen layers")
+        queries = queries or ("last" if model.adapter.causal else "role:answer")
+        edits = [{"op": "attn.scale_weights", "layers": [int(l)], "heads": sorted(map(int, g["head"])), "queries": queries,
+                  "keys": "sink", "factor": p, "redistribute_to": "role:image"} for l, g in t.groupby("layer")]
+        return interp.Spec.for_model(model, edits, analysis="probes.visual_sinks", prompts=finding.prompts,
+                                     params={"p": p, "min_rate": min_rate, "layers": layers},
+                                     sink={"dims": finding.params["dims"], "tau": finding.params["tau"]})
+
+    def explain(self, finding: Finding) -> str:
+        m = finding.metrics
+        per = m["image_sinks_per_prompt_by_layer"]
+        bg = m["image_sinks_in_background"]
+        where = "" if bg is None else f", {bg * 100:.0f} % of them on the background"
+        return (f"Image tokens above the sink threshold τ = {m['tau']:.2f} (φ ≤ {m['phi_bound_sqrt_d']:.1f}): at most "
+                f"{max(per):.1f} per prompt in any layer{where}; {m['n_image_centric_heads']} image-centric heads "
+                f"over {m['n_prompts']} prompts.")
+
+
+def _run(model, batch: Batch, dims, tau, rho, summ, chunk) -> Finding:
     dims = calibrate_dims(model, batch) if dims is None else list(dims)
     tau = default_tau(model) if tau is None else float(tau)
     L, H = model.n_layers, model.n_heads
     phis, rows = [], []
     for i in range(0, len(batch), chunk):
-        b = slice_batch(batch, i, min(len(batch), i + chunk))
+        b = vlm.slice_batch(batch, i, min(len(batch), i + chunk))
         tr = interp.capture(model, b, sites="blocks.*.resid_pre", reducers=[QueryRow(query="role:query")])
         x = tr.stack("resid_pre")  # [L, b, T, d]
         phi = _rms_norm(x)[..., dims].abs().amax(-1)  # [L, b, T]
@@ -104,34 +168,23 @@ def visual_sinks(model: interp.Model, items: list, *, dims: list[int] | None = N
     bos_phi = phi[:, :, 0].median(0).values
     img_phi = torch.where(img[:, None], phi, torch.nan)
     n_img_sinks = vsink.sum(-1).float().mean(0)
-    bg = img[:, None] & ~obj[:, None] if obj.any() else img[:, None]
+    located = all("objects" in r for r in batch.roles)
+    bg = img[:, None] & ~obj[:, None]
     metrics = {"dims": dims, "tau": round(tau, 4), "phi_bound_sqrt_d": round(math.sqrt(model.d_model), 3),
                "bos_phi_by_layer": [round(float(v), 3) for v in bos_phi],
                "bos_is_sink_by_layer": [float(v) for v in sink[:, :, 0].float().mean(0)],
                "image_phi_median_by_layer": [round(float(v), 3) for v in img_phi.nanmedian(-1).values.nanmedian(0).values],
                "image_phi_max_by_layer": [round(float(v), 3) for v in torch.nan_to_num(img_phi, -1).amax((0, 2))],
                "image_sinks_per_prompt_by_layer": [round(float(v), 3) for v in n_img_sinks],
-               "image_sinks_in_background": float((vsink & bg).sum() / vsink.sum().clamp_min(1)) if vsink.any() else None,
+               "image_sinks_in_background": float((vsink & bg).sum() / vsink.sum().clamp_min(1))
+               if vsink.any() and located else None,
                "n_image_centric_heads": int((table.score >= 0.5).sum()), "n_prompts": N,
                "rho": rho, "summ": summ}
+    notes = [] if located else ["the inputs do not say where the objects are (no 'objects' role): the share of "
+                                "image sinks on the background is not computed"]
     return Finding("probes.visual_sinks", table, {"dims": dims, "tau": tau, "rho": rho, "summ": summ},
                    model.identity(), digest(batch.input_ids), metrics,
-                   {"phi": phi, "r_sink": r_sink, "image_mass": mass_img, "selected": selected, "sinks": sink})
+                   {"phi": phi, "r_sink": r_sink, "image_mass": mass_img, "selected": selected, "sinks": sink}, notes)
 
 
-def to_spec(finding: Finding, model: interp.Model, *, p: float = 0.6, layers: list[int] | None = None,
-            min_rate: float = 0.5, queries: str | None = None) -> interp.Spec:
-    """VAR: in the image-centric heads (selected on ≥ ``min_rate`` of the prompts), scale the attention of the
-    answer queries to every sink by p and give the removed mass to the non-sink image tokens.
-    ``layers`` default: 2..L−2 as in the paper (except the last), or 1..L−1 for models of < 5 layers."""
-    L = model.n_layers
-    layers = layers if layers is not None else (list(range(2, L - 1)) if L >= 5 else list(range(1, L)))
-    t = finding.table[(finding.table.score >= min_rate) & finding.table.layer.isin(layers)]
-    if t.empty:
-        raise interp.InterpError("no image-centric heads in the chosen layers: lower min_rate or widen layers")
-    queries = queries or ("last" if model.adapter.causal else "role:answer")
-    edits = [{"op": "attn.scale_weights", "layers": [int(l)], "heads": sorted(map(int, g["head"])), "queries": queries,
-              "keys": "sink", "factor": p, "redistribute_to": "role:image"} for l, g in t.groupby("layer")]
-    return interp.Spec.for_model(model, edits, analysis="probes.visual_sinks", prompts=finding.prompts,
-                                 params={"p": p, "min_rate": min_rate, "layers": layers},
-                                 sink={"dims": finding.params["dims"], "tau": finding.params["tau"]})
+visual_sinks = VisualSinks()

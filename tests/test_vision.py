@@ -7,7 +7,7 @@ import torch
 import interp
 from tests.conftest import load_testbed_model
 from interp.testbed import CHECKPOINT_DIR, load_testbed
-from interp.testbed.items import answer_ids, encode_items, score_vqa, vqa_items
+from interp.testbed.items import answer_ids, as_vqa_items, encode_items, score_vqa, vqa_items
 from interp.testbed.localize import localisation_items, pointing_game, target_masks
 from interp.tasks import Task, bootstrap_ci
 from probes import image_attention as ia
@@ -67,12 +67,12 @@ def test_knockout_object_vs_background(ar):
     assert hi < 0 and mean < -2  # object patches carry the answer, background patches do not
     # per-item explicit index selectors (a tuple, one list per item) give the same numbers as the roles
     objs = tuple(r["object"] for r in b.roles[:8])
-    one = interp.testbed.items.slice_batch(b, 0, 8)
+    one = interp.vlm.slice_batch(b, 0, 8)
     g = knockout(ar, inputs=one, source=objs, target="role:question", window=1, layers=[0], progress=False)
     assert torch.allclose(g.arrays["per_item"][:, 0], d[:8, 0], atol=1e-4)
     # by hand for item 0: an explicit index spec on the single prompt
     r0 = b.roles[0]
-    single = interp.testbed.items.slice_batch(b, 0, 1)
+    single = interp.vlm.slice_batch(b, 0, 1)
     spec = interp.Spec.for_model(ar, [{"op": "attn.knockout", "layers": [0], "queries": r0["question"],
                                        "keys": r0["object"]}])
     with torch.no_grad():
@@ -93,7 +93,7 @@ def test_image_attention_maps_equal_hf_and_scores(tb):
     for l in range(m.n_layers):
         rows = out.attentions[l][torch.arange(len(q)), :, q]  # [N, H, T]
         assert (maps[:, l] - rows[:, :, 1:65]).abs().max() <= 1e-5
-    f = ia.image_attention(m, items, occlusion=False, n_boot=200)
+    f = ia.image_attention(m, as_vqa_items(items), occlusion=False, n_boot=200)
     masks = target_masks(items)
     for l in range(m.n_layers):
         by_hand = pointing_game(out.attentions[l][torch.arange(len(q)), :, q][:, :, 1:65].mean(1), masks).mean()
@@ -112,7 +112,7 @@ def test_visual_sinks_by_hand(tb):
     x = out.hidden_states[mid][:, 0].float()
     xn = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
     dims = xn.abs().median(0).values.topk(2).indices.tolist()
-    f = vs.visual_sinks(m, items)
+    f = vs.visual_sinks(m, as_vqa_items(items))
     assert f.params["dims"] == dims and abs(f.params["tau"] - 20 * (m.d_model / 4096) ** 0.5) < 1e-9
     q = torch.tensor([r["query"][0] for r in b.roles])
     for l in range(m.n_layers):
@@ -134,13 +134,13 @@ def _specs(m, meta, items):
     tr = interp.capture(m, b, sites="blocks.1.resid_pre")
     x = tr["blocks.1.resid_pre"][:, 1:65].float()
     dim = int((x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).abs().flatten(0, 1).median(0).values.argmax())
-    var = vs.to_spec(vs.visual_sinks(m, items, dims=[dim]), model=m, p=0.6, min_rate=0.0)
-    pai = ia.to_spec(ia.image_attention(m, items, occlusion=False, n_boot=50), model=m, alpha=0.5)
-    r0 = interp.testbed.items.slice_batch(b, 0, 1)
+    var = vs.visual_sinks(m, b, dims=[dim]).to_spec(model=m, p=0.6, min_rate=0.0)
+    pai = ia.image_attention(m, as_vqa_items(items), occlusion=False, n_boot=50).to_spec(model=m, alpha=0.5)
+    r0 = interp.vlm.slice_batch(b, 0, 1)
     pos = -meta["gen_len"] if meta["kind"] == "diffusion" else -1
     f = vhd_mod.vhd(m, {"input_ids": r0.input_ids, "pixel_values": r0.extra["pixel_values"]}, position=pos,
                     **({"answer_ids": [0]} if meta["kind"] == "diffusion" else {}))
-    vhr = vhd_mod.to_spec(f, m, alpha=2.0, last_n=m.n_layers - 1)
+    vhr = f.to_spec(model=m, alpha=2.0, last_n=m.n_layers - 1)
     return b, {"var": (var, "factor", 1.0), "pai": (pai, "alpha", 0.0), "vhr": (vhr, "factor", 1.0)}
 
 

@@ -8,7 +8,7 @@ import torch
 import interp
 from tests.conftest import load_testbed_model
 from interp.testbed import CHECKPOINT_DIR, build_inputs, load_testbed, make_dataset
-from probes.vhd import to_spec, vhd
+from probes.vhd import vhd
 
 pytestmark = pytest.mark.skipif(not (CHECKPOINT_DIR / "llava_ar" / "model.safetensors").exists(),
                                 reason="the AR testbed checkpoint is not committed")
@@ -56,9 +56,9 @@ def test_vhd_and_vhr_neutral(testbed):
     assert (unpruned - (za - zb).norm(dim=-1)).abs().max() <= 1e-5
     b = m.encode(inp)
     base = m.logits(b)
-    with interp.patch(m, to_spec(f, m, alpha=1.0)):
+    with interp.patch(m, f.to_spec(model=m, alpha=1.0)):
         assert torch.equal(m.logits(b), base)  # VHR with α = 1 is bit-identical
-    with interp.patch(m, to_spec(f, m, alpha=2.0)):
+    with interp.patch(m, f.to_spec(model=m, alpha=2.0)):
         assert not torch.equal(m.logits(b), base)
 
 

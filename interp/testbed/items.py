@@ -43,6 +43,22 @@ def testbed_meta(model) -> dict:
     return meta
 
 
+def is_testbed(model) -> bool:
+    """Whether ``model`` was loaded from a testbed checkpoint (its folder holds a ``testbed.json``)."""
+    return (Path(str(getattr(model.hf.config, "_name_or_path", ""))) / "testbed.json").is_file()
+
+
+def default_items(model, n_scenes: int = 20, *, seed: int = 0) -> list[VQAItem]:
+    """The built-in inputs of the VLM analyses on a testbed model: the questions about one object of
+    ``n_scenes`` held-out scenes; refused (with what to give instead) for any other model."""
+    if not is_testbed(model):
+        raise InterpError(f"{model.name} is not a testbed model, so there are no built-in items for it: give a "
+                          "list of interp.vlm.VQAItem (the image, a prompt with the model's image token, the answer, "
+                          "and boxes or a mask of the answer's object)")
+    from .localize import localisation_items
+    return as_vqa_items(localisation_items(n_scenes, seed=seed), testbed_meta(model))
+
+
 def vqa_item(scene: Scene, q: Question, meta: dict | None = None) -> VQAItem:
     """One (scene, question) pair as a VQAItem: the testbed's prompt, the scene's image with the testbed's
     normalisation, the question's object as a patch mask (empty for questions about no object), every object's
