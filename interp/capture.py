@@ -7,7 +7,8 @@ before the output projection), ``blocks.{l}.attn.out``, ``blocks.{l}.mlp.out``,
 glob (``blocks.*.attn.pattern``) or a callable on the name.
 
 Reducers fold each layer's attention weights while they are computed (in query chunks), so a
-capture of statistics keeps memory linear in sequence length:
+capture of statistics keeps memory linear in sequence length. Their buffers live on the device of the
+layer they serve and accumulate in float32 whatever the model's dtype (fp16 / bf16 models included):
 
 * ``KeyMass``   ``attn.key_mass`` [b,h,k] = Σ_q A[q,k] over real queries; ``attn.key_mean`` = that sum
   divided by the number of real queries that can see k (the sink importance α_k of Gu et al. 2025).
@@ -113,7 +114,8 @@ class Reducer:
         st = self._state.setdefault(layer, {})
         if name not in st:
             T = self._batch.input_ids.shape[1]
-            st[name] = torch.zeros(*chunk.shape[:2], T, *chunk.shape[3:], dtype=chunk.dtype)
+            dtype = torch.float32 if chunk.is_floating_point() else chunk.dtype
+            st[name] = torch.zeros(*chunk.shape[:2], T, *chunk.shape[3:], dtype=dtype, device=chunk.device)
         st[name][:, :, call.q_start:call.q_start + call.q_len] = chunk
 
     def _per_mask(self, name: str, call: AttnCall, width: int | None, compute: Callable[[], object]):
@@ -135,10 +137,10 @@ class Reducer:
 
     @staticmethod
     def _valid(call: AttnCall, weights: torch.Tensor) -> torch.Tensor:
-        """float [b,1,qc,1]: 1 for real queries."""
+        """float32 [b,1,qc,1]: 1 for real queries."""
         if call.query_valid is None:
-            return torch.ones(weights.shape[0], 1, weights.shape[2], 1, dtype=weights.dtype)
-        return call.query_valid[:, None, :, None].to(weights.dtype)
+            return torch.ones(weights.shape[0], 1, weights.shape[2], 1, device=weights.device)
+        return call.query_valid[:, None, :, None].to(device=weights.device, dtype=torch.float32)
 
     @staticmethod
     def _visible(call: AttnCall, weights: torch.Tensor) -> torch.Tensor:
@@ -160,16 +162,18 @@ class KeyMass(Reducer):
             return self._per_mask("row", call, kc, lambda: self._valid(call, w).transpose(2, 3))
         s = self._state.get(layer)
         if s is None:
-            count, owner = self._shared("count", call, layer, lambda: w.new_zeros(w.shape[0], 1, call.k_len))
-            s = self._state[layer] = {"sum": w.new_zeros(*w.shape[:2], call.k_len), "count": count, "owner": owner}
+            count, owner = self._shared("count", call, layer,
+                                        lambda: w.new_zeros(w.shape[0], 1, call.k_len, dtype=torch.float32))
+            s = self._state[layer] = {"sum": w.new_zeros(*w.shape[:2], call.k_len, dtype=torch.float32),
+                                      "count": count, "owner": owner}
         if call.query_valid is None or self._per_mask("all_real", call, kc, lambda: bool(call.query_valid.all())):
-            s["sum"][..., :kc] += w.sum(2)  # every query is real
+            s["sum"][..., :kc] += w.sum(2, dtype=torch.float32)  # every query is real
         else:
             # Σ over real queries, without a [b,h,q,k] temporary; in float64 because BLAS sums in an order that
             # depends on the chunk's width, and a mass of ~T must not depend on how the keys were chunked
-            s["sum"][..., :kc] += torch.matmul(row().double(), w.double())[:, :, 0].to(w.dtype)
+            s["sum"][..., :kc] += torch.matmul(row().double(), w.double())[:, :, 0].float()
         if s["owner"]:  # how many real queries see each key
-            s["count"][..., :kc] += torch.matmul(row(), self._visible(call, w).to(w.dtype))[:, :, 0]
+            s["count"][..., :kc] += torch.matmul(row(), self._visible(call, w).float())[:, :, 0]
 
     def finish(self):
         out = {}
@@ -186,11 +190,12 @@ class RoleMass(Reducer):
     role: str = "bos"
 
     def update(self, layer, weights, call):
-        sel = torch.zeros(weights.shape[0], 1, 1, weights.shape[-1], dtype=weights.dtype)
+        sel = torch.zeros(weights.shape[0], 1, 1, weights.shape[-1], device=weights.device)
         for i, r in enumerate(self._batch.roles):
             pos = [p for p in r.positions(self.role) if p < weights.shape[-1]]
             sel[i, 0, 0, pos] = 1
-        self._rows(layer, "mass", (weights.detach() * sel).sum(-1) * self._valid(call, weights)[..., 0], call)
+        mass = (weights.detach().float() * sel).sum(-1)
+        self._rows(layer, "mass", mass * self._valid(call, weights)[..., 0], call)
 
     def finish(self):
         return {f"blocks.{l}.attn.role_mass.{self.role}": st["mass"] for l, st in self._state.items()}
@@ -204,7 +209,9 @@ class QueryRow(Reducer):
     query: str = "last"
 
     def update(self, layer, weights, call):
-        out = self._state.setdefault(layer, torch.zeros(weights.shape[0], weights.shape[1], call.k_len))
+        out = self._state.get(layer)
+        if out is None:
+            out = self._state[layer] = torch.zeros(weights.shape[0], weights.shape[1], call.k_len, device=weights.device)
         kc = weights.shape[-1]  # keys handed over (every later key is masked in this chunk)
         for i, r in enumerate(self._batch.roles):
             p = r.positions(self.query)[0] - call.q_start
@@ -261,7 +268,7 @@ class TopK(Reducer):
         if w.shape[-1] < k:  # only the first keys were handed over: the rest weigh 0
             w = torch.nn.functional.pad(w, (0, k - w.shape[-1]))
         v, i = w.topk(k, dim=-1)
-        self._rows(layer, "v", v, call)
+        self._rows(layer, "v", v.float(), call)
         self._rows(layer, "i", i, call)
 
     def finish(self):
@@ -276,13 +283,17 @@ class TopK(Reducer):
 class _CaptureHook:
     read_only = True  # never edits what it sees: the engine may keep the SDPA output (see engine.py)
 
-    def __init__(self, sites: list[str], reducers: list[Reducer], grad: bool):
+    def __init__(self, sites: list[str], reducers: list[Reducer], grad: bool,
+                 layers: list[set[int] | None] | None = None):
         self.by_layer: dict[int, set[str]] = {}
         for n in sites:
             l, k = split_site(n)
             if l is not None and k in ATTN_KINDS:
                 self.by_layer.setdefault(l, set()).add(k)
         self.reducers = reducers
+        # where each reducer runs: its own layers (negative ones counted from the end) within the capture's
+        # ``layers=``; worked out here so that the reducers themselves are never changed by a capture
+        self.reducer_layers = layers if layers is not None else [None] * len(reducers)
         self.grad = grad
         self.store: dict[str, list[torch.Tensor]] = {}
 
@@ -291,7 +302,7 @@ class _CaptureHook:
         out = set()
         if "attn.logits" in kinds:
             out.add("logits")
-        if "attn.pattern" in kinds or any(r.applies(layer) for r in self.reducers):
+        if "attn.pattern" in kinds or any(self._applies(i, layer) for i in range(len(self.reducers))):
             out.add("weights")
         if "attn.z" in kinds:
             out.add("z")
@@ -324,9 +335,13 @@ class _CaptureHook:
     def on_weights(self, layer, weights, call):
         if "attn.pattern" in self.by_layer.get(layer, ()):
             self._keep(f"blocks.{layer}.attn.pattern", weights, copy=False)
-        for r in self.reducers:
-            if r.applies(layer):
+        for i, r in enumerate(self.reducers):
+            if self._applies(i, layer):
                 r.update(layer, weights, call)
+
+    def _applies(self, i: int, layer: int) -> bool:
+        ls = self.reducer_layers[i]
+        return ls is None or layer in ls
 
     def on_z(self, layer, z, call, v, weights):
         self._keep(f"blocks.{layer}.attn.z", z)
@@ -363,13 +378,11 @@ def capture(model, inputs, sites=None, reducers: Sequence[Reducer] = (), *, laye
     batch = model.encode(inputs, **encode_kw)
     names = resolve_sites(model, sites, layers)
     reducers = list(reducers)
-    if layers is not None:
-        ls = _check_layers(model, layers)
-        for r in reducers:
-            r.layers = ls if r.layers is None else [l for l in r.layers if l in ls]
+    only = set(_check_layers(model, layers)) if layers is not None else None
+    reducer_layers = []
     for r in reducers:
-        if r.layers is not None:
-            _check_layers(model, r.layers)
+        own = set(_check_layers(model, r.layers)) if r.layers is not None else None
+        reducer_layers.append(own if only is None else (only if own is None else own & only))
     need = estimate_bytes(model, names, *batch.input_ids.shape)
     budget = max_memory if max_memory is not None else int(available_bytes() * 0.6)
     if need > budget:
@@ -378,7 +391,7 @@ def capture(model, inputs, sites=None, reducers: Sequence[Reducer] = (), *, laye
                 "(memory linear in tokens)" if big else "capture fewer sites or layers")
         raise InterpError(f"this capture would keep ~{_gb(need)} of tensors ({len(names)} sites at "
                           f"{batch.input_ids.shape[1]} tokens), more than the {_gb(budget)} available: {hint}")
-    hook = _CaptureHook(names, reducers, grad)
+    hook = _CaptureHook(names, reducers, grad, reducer_layers)
     for r in reducers:
         r.start(batch)
     ad = model.adapter

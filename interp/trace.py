@@ -101,7 +101,7 @@ class Trace:
                 rows.append({"site": k, "layer": layer, "kind": kind, "shape": tuple(t.shape),
                              "dtype": str(t.dtype).replace("torch.", ""), "MB": t.numel() * t.element_size() / 2**20})
             return pd.DataFrame(rows)
-        t = self[name].detach().float()
+        t = self[name].detach().float().cpu()
         axes = AXES.get(split_site(name)[1], tuple(f"d{i}" for i in range(t.dim())))
         idx = torch.cartesian_prod(*[torch.arange(s) for s in t.shape]) if t.dim() > 1 else torch.arange(t.numel())[:, None]
         df = pd.DataFrame(idx.numpy(), columns=list(axes))
@@ -114,9 +114,9 @@ class Trace:
         path = Path(path)
         stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
         stem.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: self[k].detach().contiguous() for k in self._values}
-        tensors["__input_ids__"] = self.input_ids
-        tensors["__attention_mask__"] = self.attention_mask
+        tensors = {k: self[k].detach().cpu().contiguous() for k in self._values}
+        tensors["__input_ids__"] = self.input_ids.cpu()
+        tensors["__attention_mask__"] = self.attention_mask.cpu()
         save_file(tensors, str(stem) + ".safetensors")
         doc = {"schema": "interp.trace/1", "meta": self.meta, "tokens": self.tokens,
                "roles": [r.to_json() for r in self.roles]}
