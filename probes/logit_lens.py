@@ -9,7 +9,10 @@ The last layer reads the ``final`` site, which already carries the final norm (R
 is not idempotent, so it must not be applied twice): the last-layer lens *is* the model's logits.
 Per target y: rank_l(y) (0 = top-1), p^l(y), z^l(y), the peak layer argmax_l p^l(y), and the first
 layer where y enters the top-k. Targets are strings (their first token) or token ids; by default
-the model's own top-1 prediction at the last layer.
+the model's own top-1 prediction at the last layer. ``run(model)`` without inputs is what ``interp scan``
+runs: the built-in facts, each with its answer as the target.
+
+Models whose logits are soft-capped (Gemma 2: z ← c·tanh(z / c)) get the same cap on every layer's lens.
 """
 from __future__ import annotations
 
@@ -20,14 +23,27 @@ import torch
 from tqdm.auto import tqdm
 
 import interp
+from interp.analysis import Analysis
 from interp.finding import Finding, digest
+from interp.prompts import facts
+from viz import interactive as _interactive
+from viz import static as _static
 
 Target = Union[str, int]
 
 
+def _softcap(model: interp.Model) -> float | None:
+    """The cap c of the model's final logits (z ← c·tanh(z / c), Gemma 2), None when uncapped. Only the
+    adapter may know architectures: its ``logit_softcap`` when it has one, else the decoder's text config."""
+    ad = model.adapter
+    if hasattr(ad, "logit_softcap"):
+        return ad.logit_softcap
+    return getattr(getattr(ad.lm, "config", None), "final_logit_softcapping", None)
+
+
 def _unembed(model: interp.Model, x: torch.Tensor) -> torch.Tensor:
     z = model.adapter.unembed(x).float()
-    cap = getattr(model.hf.config, "final_logit_softcapping", None)  # Gemma 2: the model caps its logits
+    cap = _softcap(model)
     return torch.tanh(z / cap) * cap if cap else z
 
 
@@ -76,42 +92,83 @@ def lens_logits(model: interp.Model, prompts: str | list[str], position: str | i
     return torch.cat(out)
 
 
-def logit_lens(model: interp.Model, prompts: str | list[str], targets: Target | Sequence | None = None,
-               position: str | int = "last", top_k: int = 10, *, batch_size: int = 8,
-               progress: bool = True, **encode_kw) -> Finding:
+class LogitLens(Analysis):
     """Rank, probability and logit of each target at every layer, plus each layer's top-1 token."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    z = lens_logits(model, prompts, position, batch_size, progress, **encode_kw)  # [n, L, V]
-    n, L, _ = z.shape
-    tgt = _targets(model, targets, n)
-    if tgt is None:
-        tgt = [[int(z[i, -1].argmax())] for i in range(n)]
-    y = torch.tensor(tgt)  # [n, K]
-    logp = z.log_softmax(-1)
-    ty = z.gather(2, y[:, None, :].expand(n, L, -1))  # [n, L, K]
-    rank = (z[:, :, None, :] > ty[..., None]).sum(-1)  # strictly larger logits
-    prob = logp.gather(2, y[:, None, :].expand(n, L, -1)).exp()
-    topv, topi = logp.topk(top_k, -1)
-    tok = model.tokenizer.decode
-    rows = []
-    for i in range(n):
-        for l in range(L):
-            top1 = tok([int(topi[i, l, 0])])
-            for k, t in enumerate(tgt[i]):
-                rows.append({"prompt": i, "layer": l, "target": tok([t]), "target_id": t,
-                             "rank": int(rank[i, l, k]), "prob": float(prob[i, l, k]), "logit": float(ty[i, l, k]),
-                             "top1": top1, "top1_prob": float(topv[i, l, 0].exp())})
-    inside = rank < top_k  # [n, L, K]
-    first = torch.where(inside.any(1), inside.float().argmax(1), torch.full_like(rank[:, 0], -1))
-    metrics = {
-        "targets": [[tok([t]) for t in ts] for ts in tgt],
-        "peak_layer": prob.argmax(1).tolist(),
-        f"first_top{top_k}_layer": first.tolist(),  # −1: never in the top-k
-        "final_rank": rank[:, -1].tolist(),
-        "mean_rank_by_layer": [round(float(x), 2) for x in rank.float().mean((0, 2))],
-    }
-    params = {"position": position, "top_k": top_k, "targets": targets if targets is None or
-              isinstance(targets, (str, int)) else [list(t) if isinstance(t, (list, tuple)) else t for t in targets]}
-    return Finding("probes.logit_lens", pd.DataFrame(rows), params, model.identity(), digest(prompts), metrics,
-                   {"rank": rank, "prob": prob, "logit": ty, "topk_ids": topi},
-                   ["last layer = the model's own logits (final site, norm applied once)"])
+
+    name = "probes.logit_lens"
+    title = "Logit lens"
+    in_scan = True
+    figures = (_static.logit_lens, _interactive.logit_lens)
+
+    def run(self, model: interp.Model, inputs: str | list[str] | None = None, *,
+            targets: Target | Sequence | None = None, position: str | int = "last", top_k: int = 10,
+            batch_size: int = 8, progress: bool = True, **encode_kw) -> Finding:
+        """Rank, probability and logit of each target at every layer, plus each layer's top-1 token.
+        ``inputs``: prompts (None: the built-in facts, each with its answer as target); ``targets``: see
+        :func:`_targets` (default: the model's own last-layer top-1)."""
+        if inputs is None:
+            fs = facts()
+            inputs = [x["prompt"] for x in fs]
+            targets = [[x["answer"]] for x in fs] if targets is None else targets
+            progress = False
+        prompts = [inputs] if isinstance(inputs, str) else list(inputs)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise interp.InterpError("the logit lens takes a prompt or a non-empty list of prompts (strings)")
+        if top_k < 1:
+            raise interp.InterpError(f"top_k={top_k}: give a positive number of top tokens")
+        z = lens_logits(model, prompts, position, batch_size, progress, **encode_kw)  # [n, L, V]
+        n, L, _ = z.shape
+        tgt = _targets(model, targets, n)
+        if tgt is None:
+            tgt = [[int(z[i, -1].argmax())] for i in range(n)]
+        y = torch.tensor(tgt)  # [n, K]
+        logp = z.log_softmax(-1)
+        ty = z.gather(2, y[:, None, :].expand(n, L, -1))  # [n, L, K]
+        rank = (z[:, :, None, :] > ty[..., None]).sum(-1)  # strictly larger logits
+        prob = logp.gather(2, y[:, None, :].expand(n, L, -1)).exp()
+        topv, topi = logp.topk(top_k, -1)
+        tok = model.tokenizer.decode
+        rows = []
+        for i in range(n):
+            for l in range(L):
+                top1 = tok([int(topi[i, l, 0])])
+                for k, t in enumerate(tgt[i]):
+                    rows.append({"prompt": i, "layer": l, "target": tok([t]), "target_id": t,
+                                 "rank": int(rank[i, l, k]), "prob": float(prob[i, l, k]), "logit": float(ty[i, l, k]),
+                                 "top1": top1, "top1_prob": float(topv[i, l, 0].exp())})
+        inside = rank < top_k  # [n, L, K]
+        first = torch.where(inside.any(1), inside.float().argmax(1), torch.full_like(rank[:, 0], -1))
+        metrics = {
+            "targets": [[tok([t]) for t in ts] for ts in tgt],
+            "peak_layer": prob.argmax(1).tolist(),
+            f"first_top{top_k}_layer": first.tolist(),  # −1: never in the top-k
+            "final_rank": rank[:, -1].tolist(),
+            "mean_rank_by_layer": [round(float(x), 2) for x in rank.float().mean((0, 2))],
+        }
+        params = {"position": position, "top_k": top_k, "texts": prompts,
+                  "targets": targets if targets is None or isinstance(targets, (str, int)) else
+                  [list(t) if isinstance(t, (list, tuple)) else t for t in targets]}
+        return Finding(self.name, pd.DataFrame(rows), params, model.identity(), digest(prompts), metrics,
+                       {"rank": rank, "prob": prob, "logit": ty, "topk_ids": topi},
+                       ["last layer = the model's own logits (final site, norm applied once)"])
+
+    def explain(self, finding: Finding) -> str:
+        m, k = finding.metrics, finding.params.get("top_k", 10)
+        first = [x for row in m[f"first_top{k}_layer"] for x in row]
+        final = [x for row in m["final_rank"] for x in row]
+        L = len(m["mean_rank_by_layer"])
+        entered = sorted(x for x in first if x >= 0)
+        n_top1 = sum(r == 0 for r in final)
+        if not entered:
+            return f"Read through the logit lens, no target enters the top {k} at any of the {L} layers."
+        med = entered[(len(entered) - 1) // 2]
+        if len(final) == 1:
+            return (f"Read through the logit lens, the target enters the top {k} at layer {med} (of 0–{L - 1}) and "
+                    f"{'is' if n_top1 else 'is not'} the model's top-1 token at the last layer.")
+        never = len(first) - len(entered)
+        return (f"Read through the logit lens, the {len(final)} targets enter the top {k} at layer {med} (of 0–{L - 1}; "
+                f"median{f', {never} never do' if never else ''}), and {n_top1} of {len(final)} are the model's "
+                f"top-1 token at the last layer.")
+
+
+logit_lens = LogitLens()

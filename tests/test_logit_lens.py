@@ -65,3 +65,95 @@ def test_rank_falls_over_the_last_third(smol):
     tail = mean_rank[L - L // 3:]
     print("mean rank, last third:", [round(float(x), 1) for x in tail])
     assert (tail.diff() <= 0).all()
+
+
+def test_default_run_is_the_scan_on_the_built_in_facts(smol):
+    from interp.prompts import facts
+    f = logit_lens(smol)
+    fs = facts()
+    assert f.params["texts"] == [x["prompt"] for x in fs]
+    assert f.metrics["targets"] == [[x["answer"]] for x in fs]
+    # the sentence's numbers, recomputed from the ranks
+    rank = f.arrays["rank"][..., 0]  # [prompt, layer]
+    first = sorted(int(torch.nonzero(r < 10)[0]) for r in rank if (r < 10).any())
+    n_top1 = int((rank[:, -1] == 0).sum())
+    print(f.explain())
+    assert f"at layer {first[(len(first) - 1) // 2]} (of 0–{smol.n_layers - 1}" in f.explain()
+    assert f"{n_top1} of {len(fs)} are the model's top-1 token" in f.explain()
+
+
+def test_bad_input_is_refused(smol):
+    import interp
+    import pytest
+    with pytest.raises(interp.InterpError, match="prompt"):
+        logit_lens(smol, [])
+    with pytest.raises(interp.InterpError, match="top_k"):
+        logit_lens(smol, "The capital of France is", top_k=0)
+    with pytest.raises(interp.InterpError, match="no tokens"):
+        logit_lens(smol, "The capital of France is", targets="")
+
+
+def test_softcapped_logits_are_capped_on_every_layer():
+    """Gemma 2 caps its logits (c·tanh(z/c)): the lens applies the same cap, so its last layer is the model's logits."""
+    import interp
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from probes.logit_lens import _softcap, _unembed
+    torch.manual_seed(0)
+    hf = Gemma2ForCausalLM(Gemma2Config(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                        hidden_size=32, intermediate_size=64, vocab_size=64, final_logit_softcapping=0.5,
+                                        max_position_embeddings=32)).eval()
+    m = interp.load(hf)
+    assert _softcap(m) == 0.5
+    ids = torch.tensor([[1, 5, 9, 13]])
+    tr = interp.capture(m, {"input_ids": ids}, sites=["final"])
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+    assert ref.abs().max() <= 0.5
+    assert torch.allclose(_unembed(m, tr["final"]), ref, atol=1e-6)
+
+
+def _lens_finding(texts, tops):
+    import pandas as pd
+    from interp.finding import Finding
+    rows = [{"prompt": p, "layer": l, "target": " Washington", "target_id": 7, "rank": 10 - l, "prob": 0.1 * l,
+             "logit": float(l), "top1": tops[l]} for p in range(len(texts)) for l in range(len(tops))]
+    return Finding("probes.logit_lens", pd.DataFrame(rows), {"texts": texts, "top_k": 10})
+
+
+TOPS = [" the", " capital", " Washington", " Berlin"]
+
+
+def test_static_figure_shows_whole_tokens_and_the_prompts():
+    """Cells used to cut their token (" capital" → "␣capita…", " Washington" → "␣Washin…") and no prompt was shown."""
+    import viz  # noqa: F401
+    texts = ["The capital of the United States is", "The capital of Germany is", "Its capital city is"]
+    fig = _lens_finding(texts, TOPS).plot()
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    cells = [t for t in ax.texts]
+    assert sorted({t.get_text() for t in cells}) == sorted({"␣the", "␣capital", "␣Washington", "␣Berlin"})
+    x0, x1 = ax.transData.transform((0, 0))[0], ax.transData.transform((1, 0))[0]
+    for t in cells:  # each token fits inside its cell
+        assert t.get_window_extent().width <= abs(x1 - x0), t.get_text()
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks[1] == "The capital of Germany is → ␣Washington" and ticks[0].startswith("…")
+    assert "United States is" in ticks[0]
+    one = _lens_finding(texts[:1], TOPS).plot()
+    assert "The capital of the United States is" in one._suptitle.get_text()
+
+
+def test_interactive_figure_shows_whole_tokens_and_the_prompts():
+    import viz  # noqa: F401
+    from viz.static import LENS_CHAR_PX
+    texts = ["The capital of the United States is", "The capital of Germany is", "Its capital city is"]
+    fig = _lens_finding(texts, TOPS).plot(interactive=True)
+    heat = fig.data[0]
+    assert {t for row in heat.text for t in row} == {"␣the", "␣capital", "␣Washington", "␣Berlin"}
+    lo, hi = fig.layout.xaxis.domain
+    m = fig.layout.margin
+    cell_px = (fig.layout.width - m.l - m.r) * (hi - lo) / len(texts)
+    assert cell_px >= LENS_CHAR_PX * len("␣Washington") + 8
+    assert "The capital of Germany is → ␣Washington" in fig.layout.xaxis.ticktext
+    assert heat.customdata[0][2][4] == "Its capital city is"  # the hover names the prompt
+    one = _lens_finding(texts[:1], TOPS).plot(interactive=True)
+    assert "The capital of the United States is" in one.layout.title.text

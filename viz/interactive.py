@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .static import (GREY, NEG, OKABE_ITO, POS, arr, causal_masked, clean_token, has, image_hwc, is_signed,
-                     knockout_xlabel,
+                     knockout_xlabel, LENS_CHAR_PX,
                      layer_curve_cols, lifetime_rows, logit_lens_grid, pick_map, pivot, saliency_map,
                      score_col, step_labels, massive_dims, sym_lim, table, title_of, token_labels, type_color, value_error_cols,
                      LABEL_COLS)
@@ -288,32 +288,55 @@ def entropy(finding, **kw) -> go.Figure:
 
 
 def logit_lens(finding, max_cols: int = 20, **kw) -> go.Figure:
+    """The rank grid (cells wide enough for their top-1 token; the figure has a fixed width for that) above the
+    rank curves; the prompt is in the title (one prompt) or each column's label, and in every hover."""
     df = table(finding)
     if not has(df, "layer", "rank") or not len(df):
         return generic(finding, **kw)
-    layers, labels, R, rank, prob, top1 = logit_lens_grid(df, max_cols)
+    texts = (finding.params or {}).get("texts")
+    layers, labels, R, rank, prob, top1, col_prompts = logit_lens_grid(df, max_cols, texts)
     L, C = R.shape
-    fig = make_subplots(1, 2, column_widths=[0.5, 0.5], horizontal_spacing=0.25,
+    chars = max([len(t) for t in top1.ravel()] + [1])
+    cell_px = max(44, LENS_CHAR_PX * chars + 12)  # 11 px text: a cell holds its longest top-1 token
+    width = max(720, C * cell_px + 260)
+    heat_h = 18 * L + 40
+    single = len(set(col_prompts)) <= 1
+    gap = 90 if single else 230  # room for the grid's column labels (prompt tails are long, rotated)
+    fig = make_subplots(2, 1, row_heights=[heat_h, 320], vertical_spacing=gap / (heat_h + 320 + gap),
                         subplot_titles=["log10(rank + 1) per layer (text: top-1 token)", "rank of the target over layers"])
     cd = [[[int(rank[i, j]) if np.isfinite(rank[i, j]) else -1, float(prob[i, j]) if np.isfinite(prob[i, j]) else 0.0,
-            _h(top1[i, j]), _h(labels[j])] for j in range(C)] for i in range(L)]
+            _h(top1[i, j]), _h(labels[j]), _h(col_prompts[j])] for j in range(C)] for i in range(L)]
+    heat_w = C * cell_px / (width - 160)  # the heatmap's share of the plot width
     fig.add_trace(go.Heatmap(z=_grid(R), x=list(range(C)), y=layers, colorscale="Viridis", reversescale=True, zmin=0,
                              text=[[_h(t) for t in row] for row in top1], texttemplate="%{text}" if L * C <= 600 else None,
                              textfont=dict(size=11), customdata=cd, hoverongaps=False,
-                             colorbar=_cbar(fig, 1, "log10(rank+1)", 2),
-                             hovertemplate="layer %{y}<br>target %{customdata[3]}<br>rank %{customdata[0]}<br>"
-                             "p %{customdata[1]:.3g}<br>top-1 %{customdata[2]}<extra></extra>"), 1, 1)
-    fig.update_xaxes(title_text="target", row=1, col=1, showgrid=False, zeroline=False, **_tick_axis(labels))
+                             colorbar=dict(title=dict(text="log10(rank+1)", side="right"), x=min(1.0, heat_w + 0.02),
+                                           xanchor="left", y=1, yanchor="top", len=0.5, thickness=14),
+                             hovertemplate="prompt %{customdata[4]}<br>layer %{y}<br>target %{customdata[3]}<br>"
+                             "rank %{customdata[0]}<br>p %{customdata[1]:.3g}<br>top-1 %{customdata[2]}"
+                             "<extra></extra>"), 1, 1)
+    fig.layout.annotations[0].update(x=0, xanchor="left")  # the grid's title over the grid
+    fig.update_xaxes(title_text="target" if single else "prompt → target", row=1, col=1,
+                     showgrid=False, zeroline=False, domain=[0, min(1.0, heat_w)], **_tick_axis(labels))
     fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=1, showgrid=False, zeroline=False, **_int_axis(layers))
     for j in range(min(C, 10)):
         fig.add_trace(go.Scatter(x=layers, y=(rank[:, j] + 1).tolist(), mode="lines+markers", name=_h(labels[j]),
                                  line=dict(color=OKABE_ITO[j % len(OKABE_ITO)]),
                                  customdata=[[float(p), _h(t)] for p, t in zip(prob[:, j], top1[:, j])],
                                  hovertemplate="%{fullData.name}<br>layer %{x}<br>rank+1 %{y}<br>"
-                                 "p %{customdata[0]:.3g}<br>top-1 %{customdata[1]}<extra></extra>"), 1, 2)
-    fig.update_yaxes(title_text="rank + 1 (log)", row=1, col=2, **_log_axis(rank[:, :10] + 1))
-    fig.update_xaxes(title_text="layer", row=1, col=2)
-    return _layout(fig, _h(title_of(finding, "Logit lens")), max(440, min(1000, 18 * L + 200)))
+                                 "p %{customdata[0]:.3g}<br>top-1 %{customdata[1]}<extra></extra>"), 2, 1)
+    fig.update_yaxes(title_text="rank + 1 (log)", row=2, col=1, **_log_axis(rank[:, :10] + 1))
+    fig.update_xaxes(title_text="layer", row=2, col=1)
+    title = _h(title_of(finding, "Logit lens"))
+    top = 70
+    if single and texts:
+        title += "<br><sub>prompt: “" + _h(" ".join(str(col_prompts[0]).split())) + "”</sub>"
+        top = 100
+    legend_h = 21 * min(C, 10)  # one entry a row, below the curves (beside them they would narrow the grid)
+    height = top + heat_h + gap + 320 + 90 + legend_h
+    plot_h = height - top - (90 + legend_h)  # minus the top and bottom margins
+    return _layout(fig, title, height, width=width, margin=dict(t=top, b=90 + legend_h),
+                   legend=dict(x=0, xanchor="left", y=-75 / plot_h, yanchor="top"))
 
 
 def knockout(finding, **kw) -> go.Figure:

@@ -277,8 +277,19 @@ def type_color(t: str, i: int) -> str:
     return SINK_TYPE_COLORS.get(t, OKABE_ITO[(i + 2) % len(OKABE_ITO)])
 
 
-def logit_lens_grid(df: pd.DataFrame, max_cols: int = 20):
-    """(layers, column labels, log10(rank+1) [L, C], rank [L, C], prob, top1 [L, C]) of a logit-lens table."""
+LENS_CELL_CHARS = 12  # a top-1 token is shown whole in its cell up to this many characters
+LENS_CHAR_PX = 7.5  # width of one character of the 11 px cell text in the interactive grid (DejaVu Sans, upper bound)
+
+
+def prompt_tail(text: str, n: int = 26) -> str:
+    """The end of a prompt (where the lens reads), whitespace collapsed, "…" where it was cut."""
+    t = " ".join(str(text).split())
+    return t if len(t) <= n else "…" + t[-(n - 1):].lstrip()
+
+
+def logit_lens_grid(df: pd.DataFrame, max_cols: int = 20, texts: list[str] | None = None):
+    """(layers, column labels, log10(rank+1) [L, C], rank [L, C], prob, top1 [L, C], column prompts) of a
+    logit-lens table; ``texts`` (the prompts, ``params["texts"]``) name each column's prompt."""
     d = df.copy()
     if "prompt" not in d.columns:
         d["prompt"] = 0
@@ -286,11 +297,12 @@ def logit_lens_grid(df: pd.DataFrame, max_cols: int = 20):
         d["target"] = d["target_id"] if "target_id" in d.columns else ""
     keys = list(dict.fromkeys(zip(d["prompt"], d["target"].astype(str))))[:max_cols]
     n_prompts = len({k[0] for k in keys})
-    per_prompt = max(sum(1 for k in keys if k[0] == p) for p in {k[0] for k in keys}) if keys else 1
+    texts = list(texts) if isinstance(texts, (list, tuple)) else None
+    col_prompts = [texts[p] if texts is not None and 0 <= int(p) < len(texts) else f"prompt {p}" for p, _ in keys]
     if n_prompts <= 1:
-        labels = [clean_token(t, 12) for _, t in keys]
-    elif per_prompt == 1:
-        labels = [f"p{p}: {clean_token(t, 10)}" for p, t in keys]
+        labels = [clean_token(t, 14) for _, t in keys]
+    elif texts is not None:
+        labels = [f"{prompt_tail(q)} → {clean_token(t, 12)}" for q, (_, t) in zip(col_prompts, keys)]
     else:
         labels = [f"p{p}: {clean_token(t, 10)}" for p, t in keys]
     layers = sorted(pd.to_numeric(d["layer"]).unique().tolist())
@@ -309,8 +321,8 @@ def logit_lens_grid(df: pd.DataFrame, max_cols: int = 20):
         if "prob" in rr:
             prob[i, j] = float(rr["prob"])
         if "top1" in rr:
-            top1[i, j] = clean_token(rr["top1"], 8)
-    return layers, labels, np.log10(rank + 1), rank, prob, top1
+            top1[i, j] = clean_token(rr["top1"], LENS_CELL_CHARS)
+    return layers, labels, np.log10(rank + 1), rank, prob, top1, col_prompts
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,24 +673,29 @@ def entropy(finding, **kw) -> Figure:
 
 @styled
 def logit_lens(finding, max_cols: int = 20, **kw) -> Figure:
-    """Grid of log10(rank + 1) of each target per layer annotated with the layer's top-1 token, and the
-    rank over layers."""
+    """Grid of log10(rank + 1) of each target per layer annotated with the layer's top-1 token (each cell wide
+    enough for its token), and the rank over layers; the prompt is named in the title (one prompt) or in
+    each column's label (several)."""
     df = table(finding)
     if not has(df, "layer", "rank") or not len(df):
         return generic.__wrapped__(finding, **kw)
-    layers, labels, R, rank, prob, top1 = logit_lens_grid(df, max_cols)
+    texts = (finding.params or {}).get("texts")
+    layers, labels, R, rank, prob, top1, col_prompts = logit_lens_grid(df, max_cols, texts)
     L, C = R.shape
     h = max(3.6, min(10, 0.22 * L + 1.4))
-    fig, (ax, ax2) = new_fig(2, (max(4, 0.8 * C + 1.8) + 4.6, h), width_ratios=[max(1.0, 0.8 * C + 1.8), 4.6])
+    cell_pt = h * 72 * 0.8 / max(L, 1)
+    fs = 9 if cell_pt >= 11 else 8
+    chars = max([len(t) for t in top1.ravel()] + [1])
+    col_in = max(0.8, (0.62 * fs * chars + 8) / 72)  # a cell holds its longest top-1 token
+    fig, (ax, ax2) = new_fig(2, (C * col_in + 1.8 + 4.6, h), width_ratios=[C * col_in + 1.8, 4.6])
     vmax = max(1.0, float(np.nanmax(R))) if np.isfinite(R).any() else 1.0
     cmap = "viridis_r"
-    heat(fig, ax, R, xlabel="target" if len(set(df.get("prompt", [0]))) <= 1 else "prompt: target",
-         ylabel="layer", cbar="log10(rank + 1)", cmap=cmap, signed=False, vmin=0, vmax=vmax, xvals=labels,
-         xlabels=labels, yvals=layers, ylabels=[str(l) for l in layers])
-    cell_pt = h * 72 * 0.8 / max(L, 1)
+    single = len(set(col_prompts)) <= 1
+    heat(fig, ax, R, xlabel="target" if single else "prompt → target", ylabel="layer", cbar="log10(rank + 1)",
+         cmap=cmap, signed=False, vmin=0, vmax=vmax, xvals=labels, xlabels=labels, yvals=layers,
+         ylabels=[str(l) for l in layers])
     if (top1 != "").any() and cell_pt >= 9:
         cm, norm = mpl.colormaps[cmap], mpl.colors.Normalize(0, vmax)
-        fs = 9 if cell_pt >= 11 else 8
         for i in range(L):
             for j in range(C):
                 if top1[i, j]:
@@ -689,8 +706,9 @@ def logit_lens(finding, max_cols: int = 20, **kw) -> Figure:
     x = np.asarray(layers, float)
     if C <= 8:
         for j in range(C):
-            ax2.plot(x, rank[:, j] + 1, marker="o", ms=3, color=OKABE_ITO[j % len(OKABE_ITO)], label=labels[j])
-        ax2.legend(fontsize=9, ncols=1 if C <= 4 else 2)
+            ax2.plot(x, rank[:, j] + 1, marker="o", ms=3, color=OKABE_ITO[j % len(OKABE_ITO)],
+                     label=mpl_text(labels[j]))
+        ax2.legend(fontsize=9 if single else 7, ncols=1 if C <= 4 or not single else 2)
     else:
         q = np.nanpercentile(rank + 1, [25, 50, 75], axis=1)
         ax2.fill_between(x, q[0], q[2], color=POS, alpha=0.2, lw=0, label="IQR")
@@ -702,7 +720,10 @@ def logit_lens(finding, max_cols: int = 20, **kw) -> Figure:
     ax2.set_ylabel("rank + 1 of target (log)")
     ax2.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
     ax2.set_title("Rank over layers")
-    fig.suptitle(title_of(finding, "Logit lens"), x=0.01, ha="left")
+    title = title_of(finding, "Logit lens")
+    if single and texts:
+        title += f"\nprompt: “{mpl_text(' '.join(str(col_prompts[0]).split()))}”"
+    fig.suptitle(title, x=0.01, ha="left")
     return fig
 
 
