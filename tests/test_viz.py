@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
+import attribution  # noqa: F401  (registers the analyses: their figures and takeaway sentences)
+import probes  # noqa: F401
 import viz
 from interp.finding import Finding
 
@@ -220,8 +222,9 @@ def report_dir(findings, tmp_path_factory):
 def test_report_files(findings, report_dir):
     from plotly.offline import get_plotlyjs
     page = (report_dir / "report.html").read_text(encoding="utf-8")
-    assert page.count(get_plotlyjs()[:300]) == 1  # plotly.js inline, exactly once
-    assert "<script src=" not in page and "cdn.plot.ly/plotly" not in page
+    assert get_plotlyjs()[:300] not in page and "cdn.plot.ly/plotly" not in page  # not inlined, no CDN
+    assert page.count('<script type="text/javascript" src="plotly.min.js">') == 1  # once, from the local file
+    assert (report_dir / "plotly.min.js").read_text(encoding="utf-8") == get_plotlyjs()
     assert page.count('class="plotly-graph-div"') == len(findings)
     assert 'href="findings/sinks.json"' in page and 'href="specs/sinks_zerotuning.json"' in page
     for name in findings:
@@ -235,14 +238,35 @@ chromium = pytest.mark.skipif(not viz.chromium_available(), reason="headless chr
 
 
 @chromium
-def test_report_renders_without_console_errors(report_dir):
+@pytest.mark.parametrize("width", [900, 1400])
+def test_report_renders_without_console_errors(report_dir, width):
     from PIL import Image
-    errors = viz.screenshot(report_dir / "report.html", report_dir / "shot.png", width=1200, height=1400,
-                           method="cdp")
+    shot = report_dir / f"shot{width}.png"
+    errors = viz.screenshot(report_dir / "report.html", shot, width=width, height=1400, method="cdp")
     assert errors == []
-    im = Image.open(report_dir / "shot.png").convert("L")
-    assert im.size == (1200, 1400)
+    im = Image.open(shot).convert("L")
+    assert im.size == (width, 1400)
     assert len(np.unique(np.asarray(im.resize((60, 70))))) > 20  # something was drawn, not a blank page
+
+
+def test_report_leads_with_each_takeaway(report_dir, findings):
+    """The first thing in each finding's section, after its heading, is its takeaway sentence."""
+    import html as _html
+    import re as _re
+
+    import probes  # noqa: F401  (registers the analyses whose sentences these are)
+    page = (report_dir / "report.html").read_text()
+    for name, f in findings.items():
+        if f'id="f-{name}"' not in page:
+            continue
+        sec = page.split(f'id="f-{name}"', 1)[1]
+        first = _re.search(r'<div class="side">\s*(<[^>]+>)([^<]*)', sec)
+        try:
+            want = f.explain()
+        except Exception as e:  # noqa: BLE001 - a hand-made finding may lack a metric its sentence uses
+            want = f"(no takeaway: {type(e).__name__}: {e})"
+        if want:
+            assert first.group(1) == '<p class="takeaway">' and _html.unescape(first.group(2)) == want, name
 
 
 @chromium
