@@ -8,12 +8,16 @@ so later loads skip the slow conversion.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -52,8 +56,7 @@ class Model:
     def __post_init__(self) -> None:
         self.hf.eval()
         _engine.register()
-        self.hf.set_attn_implementation(_engine.ATTN_NAME)
-        self.engine = _engine.Engine(self.adapter.attn, causal=self.adapter.causal)
+        self.engine = _ModelEngine(self.hf, self.adapter.attn, causal=self.adapter.causal)
         self.fingerprint = config_fingerprint(self.hf.config)
         ad = self.adapter
         if ad.mask_token_id is None and not ad.causal:  # masked-diffusion LMs: the mask token
@@ -66,7 +69,19 @@ class Model:
     n_kv_heads = property(lambda self: self.adapter.n_kv_heads)
     head_dim = property(lambda self: self.adapter.head_dim)
     d_model = property(lambda self: self.adapter.d_model)
-    device = property(lambda self: next(self.hf.parameters()).device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the token embedding (under an accelerate ``device_map``, the device
+        the map gives it; weights offloaded to the CPU or disk run on the CPU)."""
+        dmap = getattr(self.hf, "hf_device_map", None)
+        if dmap:
+            name = next((n for n, m in self.hf.named_modules() if m is self.adapter.embed), "")
+            best = max((k for k in dmap if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+            d = dmap[best] if best is not None else next(iter(dmap.values()))
+            return torch.device("cpu" if d in ("cpu", "disk") else (f"cuda:{d}" if isinstance(d, int) else d))
+        w = getattr(self.adapter.embed, "weight", None)
+        return w.device if w is not None else next(self.hf.parameters()).device
 
     def identity(self) -> dict:
         """What a Spec records to refuse running on another model."""
@@ -74,16 +89,15 @@ class Model:
                 "n_heads": self.n_heads, "fingerprint": self.fingerprint}
 
     def encode(self, inputs, **kw) -> Batch:
-        """Tokenise text (str, list of str, or chat messages) into a :class:`Batch` with roles."""
+        """``inputs`` (text, chat messages, token ids, a dict of model inputs, a Batch) as a right-padded
+        :class:`Batch` with roles, on the model's device; see :func:`interp.roles.encode`."""
         return encode(self, inputs, **kw)
 
     def forward(self, inputs, *specs, grad: bool = False, **kw):
         """The model's output on ``inputs`` (anything :meth:`encode` takes) with ``specs`` applied, roles and
         padding known to every edit; no KV cache. ``grad=True`` keeps the autograd graph."""
-        import contextlib
-
         from .patch import patch
-        batch = inputs if isinstance(inputs, Batch) else self.encode(inputs, **kw)
+        batch = self.encode(inputs, **kw)
         edits = patch(self, *specs) if specs else contextlib.nullcontext()
         with (torch.enable_grad() if grad else torch.no_grad()), edits, self.engine.running(batch):
             return self.hf(**batch.model_inputs(), use_cache=False)
@@ -94,7 +108,7 @@ class Model:
 
     def answer_logits(self, inputs, *specs, grad: bool = False, **kw) -> torch.Tensor:
         """Logits [b, V] at each row's answer query: its ``query`` role if it has one, else its last real token."""
-        batch = inputs if isinstance(inputs, Batch) else self.encode(inputs, **kw)
+        batch = self.encode(inputs, **kw)
         logits = self.logits(batch, *specs, grad=grad)
         pos = torch.tensor([r["query"][0] if r.get("query") else r.length - 1 for r in batch.roles],
                            device=logits.device)
@@ -103,7 +117,7 @@ class Model:
     @torch.no_grad()
     def generate(self, inputs, max_new_tokens: int = 20, **gen_kw) -> list[str]:
         """Greedy generation (by default), one prompt at a time, with roles known to active specs."""
-        batch = inputs if isinstance(inputs, Batch) else self.encode(inputs)
+        batch = self.encode(inputs)
         texts = []
         for i in range(len(batch)):
             n = int(batch.attention_mask[i].sum())
@@ -122,24 +136,91 @@ class Model:
                 f"kv_heads={self.n_kv_heads}, d_model={self.d_model})")
 
 
+def _configs(hf: nn.Module) -> list:
+    """Every config object of the model (top level, sub-configs, submodels' own), each once."""
+    from transformers import PretrainedConfig
+    seen: dict[int, Any] = {}
+    todo = [m.config for m in hf.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)]
+    while todo:
+        c = todo.pop()
+        if id(c) in seen:
+            continue
+        seen[id(c)] = c
+        todo += [sc for k in getattr(c, "sub_configs", {}) if isinstance(sc := getattr(c, k, None), PretrainedConfig)]
+    return list(seen.values())
+
+
+class _ModelEngine(_engine.Engine):
+    """The engine of one Model. interp's attention function is in force only while the engine runs inputs or
+    holds hooks (a capture, a patch, :meth:`Model.forward`, :meth:`Model.generate`): outside them the HF model
+    runs with the attention implementation its owner chose (``output_attentions`` included)."""
+
+    def __init__(self, hf: nn.Module, attn_modules: list[nn.Module], causal: bool = True):
+        super().__init__(attn_modules, causal=causal)
+        configs = _configs(hf)
+        saved = [c._attn_implementation_internal for c in configs]
+        try:  # learn which configs HF switches (a vision tower may keep its own), then switch them back
+            hf.set_attn_implementation(_engine.ATTN_NAME)
+            self._interp_impl = [(c, c._attn_implementation_internal) for c in configs]
+        finally:
+            for c, v in zip(configs, saved):
+                c._attn_implementation_internal = v
+        self._active_depth = 0
+        self._outside: list = []
+
+    def __deepcopy__(self, memo):
+        """A deep copy of the HF model is a plain HF model: its attention modules are tied to no engine (they
+        run the SDPA path of interp's function if called while it is in force); interp.load it to get its own."""
+        return None
+
+    @contextlib.contextmanager
+    def _active(self) -> Iterator[None]:
+        if self._active_depth == 0:
+            self._outside = [(c, c._attn_implementation_internal) for c, _ in self._interp_impl]
+            for c, v in self._interp_impl:
+                c._attn_implementation_internal = v
+        self._active_depth += 1
+        try:
+            yield
+        finally:
+            self._active_depth -= 1
+            if self._active_depth == 0:
+                for c, v in self._outside:
+                    c._attn_implementation_internal = v
+
+    @contextlib.contextmanager
+    def running(self, batch) -> Iterator[None]:
+        with self._active(), super().running(batch):
+            yield
+
+    @contextlib.contextmanager
+    def using(self, *hooks) -> Iterator[None]:
+        with self._active(), super().using(*hooks):
+            yield
+
+
 def load(source: Any = "smollm2", *, dtype: torch.dtype | None = None, device: str | None = None,
          tokenizer: Any = None, name: str | None = None) -> Model:
-    """Load a model from any supported source; see the module docstring."""
-    dtype = dtype or torch.float32
+    """Load a model from any supported source; see the module docstring.
+
+    A model object is used as it is: its weights keep their dtype and device unless ``dtype`` / ``device`` are
+    given, and its attention implementation is switched to interp's only while a capture or patch runs.
+    Files and hub ids load in ``dtype`` (float32 when not given)."""
     if isinstance(source, Model):
         return source
     if isinstance(source, nn.Module):
         hf, tok, src = _from_object(source, tokenizer)
         name = name or getattr(hf.config, "_name_or_path", None) or type(hf).__name__
     elif isinstance(source, (str, os.PathLike)):
-        hf, tok, src, default_name = _from_path_or_id(str(source), dtype)
+        hf, tok, src, default_name = _from_path_or_id(str(source), dtype or torch.float32)
         name = name or default_name
     else:
         raise InterpError(f"cannot load a model from {type(source).__name__}: pass 'smollm2', a .gguf path, "
                           "a local HF folder, a hub id, or a transformers model object with its tokenizer")
     if tokenizer is not None:
         tok = tokenizer
-    hf = hf.to(dtype=dtype)
+    if dtype is not None and any(p.dtype != dtype for p in hf.parameters() if p.is_floating_point()):
+        hf = hf.to(dtype=dtype)
     if device is not None:
         hf = hf.to(device)
     return Model(hf=hf, tokenizer=tok, adapter=adapter_for(hf), name=str(name), source=src)
@@ -168,16 +249,23 @@ def _auto_class(config):
     return AutoModelForCausalLM
 
 
+# The committed testbed checkpoints are plain HF folders; the core finds them by path (it never imports the testbed).
+TESTBED_DIR = Path(__file__).resolve().parent / "testbed" / "checkpoints"
+HUB_HOST, HUB_TIMEOUT_S = ("huggingface.co", 443), 3.0
+
+
+def _testbed_names() -> list[str]:
+    return sorted(d.name for d in TESTBED_DIR.iterdir() if (d / "config.json").exists()) if TESTBED_DIR.is_dir() else []
+
+
 def _from_path_or_id(src: str, dtype):
-    from transformers import AutoConfig, AutoTokenizer
     if src.lower() in ("smollm2", "default", "embedded"):
         path = embedded_path()
         if path is None:
             raise InterpError("the embedded model SmolLM2-135M-Instruct is not in the cache yet: run "
                               "`python -m interp.embedded` (or `make demo`) to fetch it")
         return _load_gguf(path, dtype, known_sha=lock()["sha256"]) + (lock()["name"],)
-    from .testbed import CHECKPOINT_DIR, TESTBED_NAMES
-    p = CHECKPOINT_DIR / src if src in TESTBED_NAMES else Path(src).expanduser()
+    p = TESTBED_DIR / src if src in _testbed_names() else Path(src).expanduser()
     if src.endswith(".gguf"):
         if not p.is_file():
             raise InterpError(f"GGUF file not found: {p}. Check the path (interp.load takes a .gguf file path)")
@@ -188,43 +276,101 @@ def _from_path_or_id(src: str, dtype):
             if ggufs:
                 return _load_gguf(ggufs[0], dtype) + (ggufs[0].stem,)
             raise InterpError(f"{p} is a folder with no config.json and no .gguf: not an HF model folder")
-        config = AutoConfig.from_pretrained(p)
-        hf = _auto_class(config).from_pretrained(p, dtype=dtype)
-        tok = _tokenizer_or_none(p)
+        hf, tok = _from_pretrained(p, dtype, f"the folder {p}")
         return hf, tok, str(p), p.name
     if p.exists():
         raise InterpError(f"{p} is a file but not a .gguf; interp loads .gguf files, HF folders and hub ids")
     if src.count("/") != 1 or src.startswith((".", "/")):
         raise InterpError(f"unknown model {src!r}: not 'smollm2', not an existing path, not a hub id "
                           "(owner/name). `interp models` lists what can be loaded here")
-    try:  # a hub id: the real loading code, which fails cleanly offline
-        config = AutoConfig.from_pretrained(src)
-        hf = _auto_class(config).from_pretrained(src, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(src)
-    except OSError as e:
-        raise InterpError(f"could not fetch {src!r} from the Hugging Face hub (unreachable or unknown id: "
-                          f"{str(e).splitlines()[0][:160]}). Download it elsewhere and pass the local folder "
-                          "or .gguf path to interp.load") from None
+    how = ("download it where the hub is reachable (huggingface-cli download " + src + " --local-dir DIR) "
+           "and pass that folder to interp.load")
+    try:  # a hub id already in the local HF cache loads without the network
+        hf, tok = _from_pretrained(src, dtype, f"the cached copy of {src!r}", local_files_only=True)
+    except _NotCached:
+        pass
+    else:
+        return hf, tok, f"hub:{src}", src.split("/")[-1]
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or not _hub_reachable():
+        raise InterpError(f"cannot fetch {src!r}: the Hugging Face hub is not reachable from here (offline) and "
+                          f"the model is not in the local HF cache; {how}") from None
+    try:
+        hf, tok = _from_pretrained(src, dtype, f"the hub model {src!r}")
+    except _NotCached as e:
+        raise InterpError(f"could not fetch {src!r} from the Hugging Face hub (unknown id, private, or a "
+                          f"network error: {e}); check the id, or {how}") from None
     return hf, tok, f"hub:{src}", src.split("/")[-1]
 
 
-def _tokenizer_or_none(p: Path):
+class _NotCached(Exception):
+    """A hub id that is neither in the local cache nor (when online) on the hub."""
+
+
+def _hub_reachable() -> bool:
+    """A TCP connection to the hub within a few seconds (so an offline machine fails at once, not after retries)."""
+    try:
+        socket.create_connection(HUB_HOST, timeout=HUB_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(src, dtype, what: str, local_files_only: bool = False):
+    """Config, weights and (if any) tokenizer of an HF folder or hub id; every failure becomes an InterpError that
+    names the folder and the problem (a hub id missing from the cache raises _NotCached)."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(src, local_files_only=local_files_only)
+    except OSError as e:
+        if not isinstance(src, Path):
+            raise _NotCached(str(e).splitlines()[0][:200]) from None
+        raise InterpError(f"{what}: cannot read config.json ({str(e).splitlines()[0][:200]})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise InterpError(f"{what}: config.json is not a valid transformers config ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); check its model_type and fields") from None
+    try:
+        hf = _auto_class(config).from_pretrained(src, dtype=dtype, local_files_only=local_files_only)
+    except OSError as e:
+        if not isinstance(src, Path):
+            raise _NotCached(str(e).splitlines()[0][:200]) from None
+        raise InterpError(f"{what} has a config but no readable weights (model.safetensors or "
+                          f"pytorch_model.bin): {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # mismatched shapes, truncated safetensors, unknown architecture ...
+        raise InterpError(f"{what}: transformers could not build the model from its config and weights "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return hf, _tokenizer_or_none(src, local_files_only)
+
+
+def _auto_class(config):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    if getattr(config, "model_type", "").startswith("llava") or hasattr(config, "vision_config"):
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def _tokenizer_or_none(p, local_files_only: bool = False):
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(p)
+        return AutoTokenizer.from_pretrained(p, local_files_only=local_files_only)
     except Exception:  # a folder with weights only; the user can pass tokenizer=
         return None
 
 
 def _load_gguf(path: Path, dtype, known_sha: str | None = None):
-    """Dequantise a GGUF once; later loads read the cached safetensors (keyed by the file's sha256)."""
+    """Dequantise a GGUF once; later loads read the cached safetensors (keyed by the file's sha256). A file
+    whose sha256 differs from ``known_sha`` (the lock file's) is refused before anything is converted."""
     from transformers import AutoConfig, AutoTokenizer
-    sha = known_sha or sha256_file(path)
-    converted = cache_dir() / "converted" / sha[:32]
+    converted = cache_dir() / "converted" / (known_sha[:32] if known_sha else "")
+    if known_sha is None or not (converted / "config.json").exists():
+        sha = sha256_file(path)
+        if known_sha is not None and sha != known_sha:
+            raise InterpError(f"{path} is corrupt: its sha256 is {sha}, the lock file says {known_sha}. Delete it and "
+                              "run `python -m interp.embedded` to fetch it again")
+        converted = cache_dir() / "converted" / sha[:32]
     if (converted / "config.json").exists():
-        config = AutoConfig.from_pretrained(converted)
-        hf = _auto_class(config).from_pretrained(converted, dtype=dtype)
-        return hf, AutoTokenizer.from_pretrained(converted), str(path)
+        hf, tok = _from_pretrained(converted, dtype, f"the converted cache of {path.name} ({converted}; delete it "
+                                   "to convert again)")
+        return hf, tok, str(path)
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         hf = _auto_class(config).from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -236,12 +382,25 @@ def _load_gguf(path: Path, dtype, known_sha: str | None = None):
     hf.hf_quantizer = None
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
-    tmp = converted.with_name(converted.name + ".tmp")
-    hf.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if converted.exists():  # another process won the race
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(converted)
+    _save_converted(hf, tok, converted)
+    if dtype != torch.float32:
+        hf = hf.to(dtype=dtype)
     return hf, tok, str(path)
+
+
+def _save_converted(hf: nn.Module, tok, converted: Path) -> None:
+    """Save a conversion to ``converted`` atomically: written in a temporary folder of its own (unique per call,
+    so concurrent conversions never write into each other's files), then renamed; the first to finish wins."""
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{converted.name}.{os.getpid()}.", suffix=".tmp", dir=converted.parent))
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, converted)  # fails if another process has already put its conversion there
+        except OSError:
+            if not (converted / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
