@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 REGISTRY: dict[str, "Analysis"] = {}
 TRAITS = ("causal", "diffusion", "vision")
-_VIEWS: dict[str, Callable | None] = {"figure": None, "html": None}  # installed by viz: plot, notebook HTML
+_VIEWS: dict[str, Callable | None] = {"figure": None, "html": None, "trace": None}  # installed by viz
 
 
 class Analysis:
@@ -137,10 +137,10 @@ def traits(model) -> set[str]:
     return {"causal" if ad.causal else "diffusion"} | ({"vision"} if ad.image_token_id is not None else set())
 
 
-def install_views(figure: Callable | None = None, html: Callable | None = None) -> None:
-    """Set what draws a Finding's figure and its notebook HTML. ``viz`` installs both when imported; the
-    core itself draws nothing."""
-    _VIEWS.update(figure=figure, html=html)
+def install_views(figure: Callable | None = None, html: Callable | None = None, trace: Callable | None = None) -> None:
+    """Set what draws a Finding's figure, its notebook HTML and a Trace's figure. ``viz`` installs them when
+    imported; the core itself draws nothing."""
+    _VIEWS.update(figure=figure, html=html, trace=trace)
 
 
 def view(kind: str) -> Callable | None:

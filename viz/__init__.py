@@ -17,6 +17,7 @@ from . import interactive as _i
 from . import static as _s
 from .browser import chromium_available, screenshot
 from .report import finding_html, report, save
+from .traces import attention, site_norms
 
 from interp import analysis
 
@@ -64,8 +65,23 @@ def _enable_inline() -> None:
         pass
 
 
-analysis.install_views(figure=plot, html=finding_html)
+def trace_plot(trace, kind: str = "attn.pattern", interactive: bool = False, **kw):
+    """A Trace's figure: ``attn.pattern`` (``layer=``, ``head=`` index or "mean", ``batch=``) or the per-layer,
+    per-token norm of a residual-like site (``resid_post``, ``resid_pre``, ``attn.out``, ``mlp.out``)."""
+    if "IPython" in sys.modules:
+        _enable_inline()
+    if kind == "attn.pattern":
+        layer = kw.pop("layer", None)
+        if layer is None:
+            layers = trace.layers("attn.pattern")
+            layer = layers[-1] if layers else 0
+        return attention(trace, layer, interactive=interactive, **kw)
+    return site_norms(trace, kind, interactive=interactive, **kw)
+
+
+analysis.install_views(figure=plot, html=finding_html, trace=trace_plot)
 if "IPython" in sys.modules:
     _enable_inline()
 
-__all__ = ["plot", "save", "finding_html", "report", "screenshot", "chromium_available", "plotter"]
+__all__ = ["plot", "save", "finding_html", "report", "screenshot", "chromium_available", "plotter", "attention",
+           "site_norms", "trace_plot"]
