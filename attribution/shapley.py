@@ -14,8 +14,7 @@ Players and game
     summed over the answer tokens, or the teacher-forced greedy accuracy of the answer
     (``value="accuracy"``). Coalitions are evaluated in right-padded batches and cached by
     bitmask, so no coalition is ever evaluated twice; ``n_evals`` counts distinct coalitions.
-    Rows are sorted by token ids so that a batch shares a common prefix, which runs once and
-    is reused through the KV cache (no hooks are installed on the model).
+    A batch of rows (coalition × question) runs as one right-padded ``model.logits`` call.
 
 Shapley value
     φ_i = Σ_{S ⊆ N∖i} |S|! (n−|S|−1)! / n! · [v(S ∪ i) − v(S)]
@@ -72,8 +71,9 @@ CoSP **[recon]**
     paper reports to track accuracy monotonically; drop or replace players with φ < 0.
 
 API: :func:`find_players`, :class:`PromptGame`, :class:`CallableGame`, :func:`exact_shapley`,
-:func:`stratified_shapley`, :func:`shapley` (→ :class:`interp.finding.Finding`, analysis
-``"attribution.shapley"``). Findings are diagnostic only (no ``to_spec``).
+:func:`stratified_shapley`; the analysis :class:`Shapley` (``shapley(model, text, answer, ...)`` →
+:class:`interp.finding.Finding`, ``"attribution.shapley"``) and :func:`shapley_of_game` for a Game or a
+plain value function. Findings are diagnostic only (no ``to_spec``).
 """
 from __future__ import annotations
 
@@ -86,11 +86,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from interp.analysis import Analysis
 from interp.errors import InterpError
 from interp.finding import Finding, digest
+from interp.model import Model
+from viz import interactive as _interactive
+from viz import static as _static
 
 __all__ = ["find_players", "Game", "PromptGame", "CallableGame", "ShapleyEstimate", "exact_shapley",
-           "stratified_shapley", "shapley", "MAX_EXACT"]
+           "stratified_shapley", "Shapley", "shapley", "shapley_of_game", "MAX_EXACT"]
 
 MAX_EXACT = 12  # exact enumeration refuses more players (2^12 = 4096 coalitions)
 DESIGNS = ("spectral", "svarm", "cyclic", "shared")
@@ -287,8 +291,8 @@ class PromptGame(Game):
             for qi, q in enumerate(self.questions):
                 ids = self.tok(p + q)["input_ids"]
                 rows.append((ci, qi, ids + self.answer_ids[qi], len(ids)))
-        # lexicographic order: rows of a batch share a long common prefix, run once and cached
-        order = sorted(range(len(rows)), key=lambda r: rows[r][2])
+        # rows of similar length together: little padding in a batch
+        order = sorted(range(len(rows)), key=lambda r: (len(rows[r][2]), rows[r][2]))
         vals = np.zeros((len(masks), len(self.questions)))
         batches = [[rows[r] for r in order[i:i + self.batch_size]] for i in range(0, len(order), self.batch_size)]
         show = self.progress if self.progress is not None else len(batches) >= 4
@@ -303,41 +307,21 @@ class PromptGame(Game):
         return list(vals.mean(1))
 
     def _answer_logprobs(self, batch) -> list[torch.Tensor]:
-        """Per row, log-probs [answer length, vocab] predicting the answer tokens."""
-        hf, dev = self.model.hf, self.model.device
+        """Per row, log-probs [answer length, vocab] predicting the answer tokens (one right-padded
+        ``model.logits`` call; causal attention keeps the padding out of the real tokens' logits)."""
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
         seqs = [r[2] for r in batch]
-        # shared prefix, kept short of every row's last prompt token (its logits are needed)
-        P = min(r[3] for r in batch) - 1
-        for j in range(P):
-            if any(s[j] != seqs[0][j] for s in seqs):
-                P = j
-                break
-        cache = None
-        if P >= 8:
-            try:
-                cache = hf(input_ids=torch.tensor([seqs[0][:P]], device=dev), use_cache=True).past_key_values
-                cache.batch_repeat_interleave(len(batch))
-            except (AttributeError, TypeError, NotImplementedError):
-                cache = None
-        P = P if cache is not None else 0
-        T = max(len(s) for s in seqs) - P
+        T = max(len(s) for s in seqs)
         ids = torch.full((len(batch), T), pad, dtype=torch.long)
-        am = torch.zeros((len(batch), P + T), dtype=torch.long)
+        am = torch.zeros((len(batch), T), dtype=torch.long)
         for j, s in enumerate(seqs):
-            ids[j, :len(s) - P] = torch.tensor(s[P:])
+            ids[j, :len(s)] = torch.tensor(s)
             am[j, :len(s)] = 1
-        keep = T - min(r[3] - 1 - P for r in batch)  # logits from the first answer prediction on
-        kw = {"past_key_values": cache, "use_cache": True} if cache is not None else {}
-        try:
-            logits = hf(input_ids=ids.to(dev), attention_mask=am.to(dev), logits_to_keep=keep, **kw).logits
-        except TypeError:
-            logits = hf(input_ids=ids.to(dev), attention_mask=am.to(dev), **kw).logits[:, -keep:]
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        logits = self.model.logits({"input_ids": ids.to(self.model.device), "attention_mask": am.to(self.model.device)})
         out = []
         for j, (_, qi, _, n_p) in enumerate(batch):
-            pos = torch.arange(len(self.answer_ids[qi])) + (n_p - 1 - P) - (T - keep)
-            out.append(logp[j, pos])
+            pos = torch.arange(len(self.answer_ids[qi]), device=logits.device) + n_p - 1
+            out.append(torch.log_softmax(logits[j, pos].float(), dim=-1).cpu())
         return out
 
 
@@ -705,52 +689,105 @@ def _subsets_of_size(n: int, k: int) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 # the analysis
 
-def shapley(model, text: str | None = None, answer: str | Sequence[str] | None = None, players="expressions",
-            method: str = "auto", *, question: str | Sequence[str] | None = None, placeholder: str = "...",
-            value: str = "logprob", m_per_stratum: int | Sequence[int] = 8, seed: int | None = 0,
-            design: str = "spectral", exact_strata="auto", n: int | None = None, batch_size: int = 16,
-            progress: bool | None = None) -> Finding:
-    """Shapley value of each prompt span for the gold answer, as a :class:`Finding`.
+# the built-in inputs: six worked sums before a question (the paper's expressions as players)
+FEW_SHOT = "2+3=5\n6-2=4\n3*3=9\n8-5=3\n4+4=8\n7-1=6\n"
+FEW_SHOT_QUESTION = "5+2="
+FEW_SHOT_ANSWER = "7"
 
-    ``model``: an interp model (or anything ``interp.load`` takes) with ``text`` and ``answer``;
-    or a :class:`Game`; or a plain ``value_fn(list[frozenset]) -> list[float]`` with ``n``.
-    ``method``: ``"exact"`` (n ≤ 12), ``"stratified"``, or ``"auto"`` (exact for n ≤ 10).
-    """
-    from interp.model import Model
-    if isinstance(model, Game) or (callable(model) and not isinstance(model, (Model, torch.nn.Module))):
-        game = as_game(model, n)
-        ident = {"name": type(game).__name__}
-    else:
-        if text is None or answer is None:
-            raise InterpError("shapley on a model needs the prompt text and the gold answer")
-        game = PromptGame(model, text, players, answer, placeholder=placeholder, value=value,
-                          question=question, batch_size=batch_size, progress=progress)
-        ident = game.model.identity()
+
+def _estimate(game: Game, method: str, m_per_stratum, seed, design: str, exact_strata) -> ShapleyEstimate:
     if method == "auto":
         method = "exact" if game.n <= AUTO_EXACT else "stratified"
     if method == "exact":
-        est = exact_shapley(game)
-    elif method == "stratified":
-        est = stratified_shapley(game, m_per_stratum, seed, design=design, exact_strata=exact_strata)
-    else:
-        raise InterpError(f"method must be 'auto', 'exact' or 'stratified', not {method!r}")
+        return exact_shapley(game)
+    if method == "stratified":
+        return stratified_shapley(game, m_per_stratum, seed, design=design, exact_strata=exact_strata)
+    raise InterpError(f"method must be 'auto', 'exact' or 'stratified', not {method!r}")
+
+
+def _finding(game: Game, est: ShapleyEstimate, ident: dict, params: dict, prompts: str) -> Finding:
     rows = []
     for i in range(game.n):
         row = {"player": i, "start": None, "end": None, "span": "", **game.describe(i), "phi": est.phi[i]}
         if est.se is not None:
             row["se"] = est.se[i]
         rows.append(row)
-    table = pd.DataFrame(rows)
     metrics = {"method": est.method, "n_players": game.n, "v_empty": est.v_empty, "v_full": est.v_full,
-               "cosp": est.cosp, "n_evals": est.n_evals, "efficiency_residual": est.efficiency_residual}
+               "cosp": est.cosp, "n_evals": est.n_evals, "efficiency_residual": est.efficiency_residual,
+               "value": params.get("value", "value")}
     if est.method == "stratified":
         metrics["exact_strata"] = est.info["exact_strata"]
-    params = {"players": players if isinstance(players, str) else [list(p) for p in players], "method": method,
-              "placeholder": placeholder, "value": value, "question": question}
-    if method == "stratified":
-        params.update(m_per_stratum=m_per_stratum, seed=seed, design=design, exact_strata=exact_strata)
-    prompts = digest({"text": text, "question": question, "answer": answer}) if text is not None else ""
+        params = {**params, "design": est.info["design"]}
     notes = [] if est.method == "exact" else [
         "stratified estimate: efficiency holds only approximately (see efficiency_residual)"]
-    return Finding("attribution.shapley", table, params, ident, prompts, metrics,
+    return Finding(Shapley.name, pd.DataFrame(rows), {**params, "method": est.method}, ident, prompts, metrics,
                    {"phi": torch.tensor(est.phi)}, notes)
+
+
+class Shapley(Analysis):
+    """Shapley value of each prompt span for the gold answer (SalaMAnder / CoSP)."""
+
+    name = "attribution.shapley"
+    title = "Shapley values of prompt spans"
+    requires = ("causal",)
+    figures = (_static.shapley, _interactive.shapley)
+
+    def run(self, model, inputs: str | None = None, answer: str | Sequence[str] | None = None, players="expressions",
+            method: str = "auto", *, question: str | Sequence[str] | None = None, placeholder: str = "...",
+            value: str = "logprob", m_per_stratum: int | Sequence[int] = 8, seed: int | None = 0,
+            design: str = "spectral", exact_strata="auto", batch_size: int = 16,
+            progress: bool | None = None) -> Finding:
+        """Shapley value of each span of the prompt text ``inputs`` for the gold ``answer``, as a Finding.
+
+        ``model``: an interp model (or anything ``interp.load`` takes). ``inputs=None``: six worked sums and the
+        question "5+2=" with the answer "7". ``method``: ``"exact"`` (n ≤ 12), ``"stratified"``, or ``"auto"``
+        (exact for n ≤ 10). A :class:`Game` or a plain value function goes to :func:`shapley_of_game`."""
+        if isinstance(model, Game) or (callable(model) and not isinstance(model, (Model, torch.nn.Module))):
+            raise InterpError("shapley(model, ...) takes a model; for a Game or a value function over coalitions "
+                              "use shapley_of_game(game, n=...)")
+        if inputs is None:
+            inputs = FEW_SHOT
+            if answer is None and question is None:
+                answer, question = FEW_SHOT_ANSWER, FEW_SHOT_QUESTION
+        if not isinstance(inputs, str):
+            raise InterpError(f"shapley's inputs are the prompt text whose spans are the players (a string), not "
+                              f"{type(inputs).__name__}")
+        if answer is None:
+            raise InterpError("shapley on a model needs the gold answer: pass answer=")
+        game = PromptGame(model, inputs, players, answer, placeholder=placeholder, value=value,
+                          question=question, batch_size=batch_size, progress=progress)
+        est = _estimate(game, method, m_per_stratum, seed, design, exact_strata)
+        params = {"players": players if isinstance(players, str) else [list(p) for p in players],
+                  "placeholder": placeholder, "value": value, "question": question}
+        if est.method == "stratified":
+            params.update(m_per_stratum=m_per_stratum, seed=seed, exact_strata=exact_strata)
+        return _finding(game, est, game.model.identity(), params,
+                        digest({"text": inputs, "question": question, "answer": answer}))
+
+    def explain(self, finding: Finding) -> str:
+        m, t = finding.metrics, finding.table
+        unit = " nats" if m.get("value", "logprob") == "logprob" else ""
+        what = "log-probability of the answer" if unit else "value"
+        top = t.loc[t["phi"].idxmax()] if len(t) else None
+        best = ""
+        if top is not None:
+            label = str(top.get("span") or "") or f"player {int(top['player'])}"
+            best = f"; the largest, {label!r}, adds {top['phi']:+.2f}{unit}"
+        est = "exact" if m["method"] == "exact" else "estimated"
+        return (f"{m['cosp']} of {m['n_players']} prompt spans raise the {what} ({est} Shapley values{best}), and "
+                f"all of them together move it from {m['v_empty']:.2f} to {m['v_full']:.2f}{unit}.")
+
+
+shapley = Shapley()
+
+
+def shapley_of_game(game, n: int | None = None, method: str = "auto", *, m_per_stratum: int | Sequence[int] = 8,
+                    seed: int | None = 0, design: str = "spectral", exact_strata="auto") -> Finding:
+    """Shapley values of a :class:`Game`, or of a plain ``value_fn(list[frozenset]) -> list[float]`` over ``n``
+    players, as an ``attribution.shapley`` Finding (see :func:`exact_shapley`, :func:`stratified_shapley`)."""
+    g = as_game(game, n)
+    est = _estimate(g, method, m_per_stratum, seed, design, exact_strata)
+    params = {"players": "game", "value": "value"}
+    if est.method == "stratified":
+        params.update(m_per_stratum=m_per_stratum, seed=seed, exact_strata=exact_strata)
+    return _finding(g, est, {"name": type(g).__name__}, params, "")

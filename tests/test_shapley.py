@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from attribution.shapley import (CallableGame, PromptGame, exact_shapley, find_players, shapley,
-                                 stratified_shapley)
+from attribution.shapley import (FEW_SHOT, CallableGame, PromptGame, exact_shapley, find_players, shapley,
+                                 shapley_of_game, stratified_shapley)
 from interp.errors import InterpError
 
 
@@ -201,22 +201,24 @@ def test_spectral_beats_the_pair_designs_on_a_structured_game():
 
 
 def test_shapley_finding_on_a_callable_game():
-    f = shapley(lambda cs: [float({0, 2} <= c) + 0.5 * (1 in c) for c in cs], n=3)
+    f = shapley_of_game(lambda cs: [float({0, 2} <= c) + 0.5 * (1 in c) for c in cs], n=3)
     assert f.analysis == "attribution.shapley"
     assert list(f.table["player"]) == [0, 1, 2]
     np.testing.assert_allclose(f.table["phi"], [0.5, 0.5, 0.5])
     assert f.metrics["method"] == "exact" and f.metrics["cosp"] == 3 and f.metrics["n_evals"] == 8
     assert f.metrics["v_empty"] == 0.0 and f.metrics["v_full"] == 1.5
-    s = shapley(lambda cs: [float(len(c)) for c in cs], n=11, method="auto", m_per_stratum=4)
+    s = shapley_of_game(lambda cs: [float(len(c)) for c in cs], n=11, method="auto", m_per_stratum=4)
     assert s.metrics["method"] == "stratified" and "se" in s.table
     np.testing.assert_allclose(s.table["phi"], 1.0)
-
-
-FEW_SHOT = "2+3=5\n6-2=4\n3*3=9\n8-5=3\n4+4=8\n7-1=6\n"
+    assert s.params["design"] == "spectral"
+    with pytest.raises(InterpError, match="shapley_of_game"):  # the analysis takes a model
+        shapley(lambda cs: [0.0 for c in cs])
+    with pytest.raises(InterpError, match="n="):
+        shapley_of_game(lambda cs: [0.0 for c in cs])
 
 
 def test_smollm2_few_shot_expressions(smol):
-    f = shapley(smol, FEW_SHOT, "7", players="expressions", question="5+2=", method="exact")
+    f = shapley(smol)  # the built-in inputs: FEW_SHOT, question "5+2=", answer "7", exact
     assert f.metrics["n_players"] == 6 and f.metrics["n_evals"] == 64
     assert list(f.table["span"]) == ["2+3=5", "6-2=4", "3*3=9", "8-5=3", "4+4=8", "7-1=6"]
     gap = f.metrics["v_full"] - f.metrics["v_empty"]
@@ -224,6 +226,16 @@ def test_smollm2_few_shot_expressions(smol):
     assert f.metrics["cosp"] == int((f.table["phi"] > 0).sum())
     assert f.metrics["v_full"] > f.metrics["v_empty"]  # the worked examples help
     assert f.model["name"] == smol.identity()["name"]
+    text = f.explain()
+    print(text)
+    top = f.table.loc[f.table["phi"].idxmax()]
+    assert text.startswith(f"{f.metrics['cosp']} of 6 prompt spans") and repr(top["span"]) in text
+    assert f"{f.metrics['v_full']:.2f} nats." in text
+    # regression: the figures label the bars with the spans (they looked for a "text" column and showed numbers)
+    ax = f.plot().axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"{i}: {s}" for i, s in enumerate(f.table["span"])]
+    fig = f.plot(interactive=True)
+    assert list(fig.layout.yaxis.ticktext) == [f"{i}: {s}" for i, s in enumerate(f.table["span"])]
 
 
 def test_prompt_game_batching_and_values(smol):
@@ -238,3 +250,12 @@ def test_prompt_game_batching_and_values(smol):
     assert g.n_rows == 5
     acc = PromptGame(smol, FEW_SHOT, "expressions", "7", question="5+2=", value="accuracy")
     assert acc.values([63])[0] in (0.0, 1.0)
+    # against HF's own forward on the unpadded prompt: log p(answer | prompt_S + question)
+    tok = smol.tokenizer
+    for c, v in zip([0, 63, 42], g.values([0, 63, 42])):
+        ids = tok(g.prompt(c) + "5+2=")["input_ids"]
+        ans = tok("7", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(smol.hf(input_ids=torch.tensor([ids + ans])).logits[0].double(), -1)
+        want = sum(float(lp[len(ids) - 1 + k, a]) for k, a in enumerate(ans))
+        assert abs(v - want) <= 1e-4, (c, v, want)

@@ -389,11 +389,11 @@ def shapley(finding, max_players: int = 40, **kw) -> go.Figure:
     d = df if len(df) <= max_players else df.loc[df[val].abs().nlargest(max_players).index]
     if "player" in d.columns:
         d = d.sort_values("player")
-    lab_col = "text" if "text" in d.columns else ("player" if "player" in d.columns else None)
+    lab_col = next((c for c in ("text", "span", "player") if c in d.columns), None)  # attribution.shapley: "span"
     labels = [clean_token(v, 36) for v in d[lab_col]] if lab_col else [str(i) for i in d.index]
-    if lab_col == "text" and "player" in d.columns:
+    if lab_col in ("text", "span") and "player" in d.columns:
         labels = [f"{p}: {t}" for p, t in zip(d["player"], labels)]
-    full = [_h(v) for v in d["text"]] if "text" in d.columns else _hl(labels)
+    full = [_h(v) for v in d[lab_col]] if lab_col in ("text", "span") else _hl(labels)
     phi = pd.to_numeric(d[val], errors="coerce").tolist()
     se_col = next((c for c in ("phi_se", "se", "stderr", "std", "phi_std") if c in d.columns), None)
     fig = go.Figure(go.Bar(x=phi, y=list(range(len(d))), orientation="h", customdata=full,

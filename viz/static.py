@@ -799,9 +799,9 @@ def shapley(finding, max_players: int = 40, **kw) -> Figure:
         d = d.loc[d[val].abs().nlargest(max_players).index]
     if "player" in d.columns:
         d = d.sort_values("player")
-    lab_col = "text" if "text" in d.columns else ("player" if "player" in d.columns else None)
+    lab_col = next((c for c in ("text", "span", "player") if c in d.columns), None)  # attribution.shapley: "span"
     labels = [clean_token(v, 36) for v in d[lab_col]] if lab_col else [str(i) for i in d.index]
-    if lab_col == "text" and "player" in d.columns:
+    if lab_col in ("text", "span") and "player" in d.columns:
         labels = [f"{p}: {t}" for p, t in zip(d["player"], labels)]
     phi = pd.to_numeric(d[val], errors="coerce").to_numpy()
     se_col = next((c for c in ("phi_se", "se", "stderr", "std", "phi_std") if c in d.columns), None)
