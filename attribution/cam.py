@@ -36,9 +36,13 @@ import pandas as pd
 import torch
 
 import interp
+from interp import vlm
+from interp.analysis import Analysis
 from interp.capture import QueryRow, RoleMass
 from interp.finding import Finding, digest
 from interp.roles import Batch
+from viz import interactive as _interactive
+from viz import static as _static
 
 METHODS = ("gradcam", "llava_cam", "grad_x_act", "attention", "attn_x_grad")
 
@@ -56,6 +60,13 @@ def llava_cam(F: torch.Tensor, G: torch.Tensor, threshold: float = 0.5) -> torch
     m = grad_cam(F, G, relu_grad=True, mean=True).clamp(min=0)
     m = m / m.amax(-1, keepdim=True).clamp_min(1e-30)
     return torch.where(m < threshold, torch.zeros_like(m), m)
+
+
+def _encode(model: interp.Model, inputs) -> Batch:
+    """VQAItems through :func:`interp.vlm.encode_vqa`, anything else through ``model.encode``."""
+    if isinstance(inputs, vlm.VQAItem) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], vlm.VQAItem)):
+        return vlm.encode_vqa(model, inputs)
+    return model.encode(inputs)
 
 
 def _with_noise(batch: Batch, n: int, sigma: float, seed: int) -> Batch:
@@ -78,7 +89,7 @@ def cam_maps(model: interp.Model, inputs, target: Sequence[int] | int | None = N
     "target": [B]}``; ``target`` defaults to the model's own argmax at the last position."""
     if site not in ("resid_pre", "resid_post"):
         raise interp.InterpError(f"site must be 'resid_pre' or 'resid_post', got {site!r}")
-    batch = model.encode(inputs)
+    batch = _encode(model, inputs)
     img = [r.get("image", []) for r in batch.roles]
     if not all(img):
         raise interp.InterpError(f"LLaVA-CAM needs image tokens (role 'image'), and these inputs to {model.name} have "
@@ -93,7 +104,7 @@ def cam_maps(model: interp.Model, inputs, target: Sequence[int] | int | None = N
     tr = interp.capture(model, run, sites=names, reducers=[RoleMass(role="image"), RoleMass(role="bos"), QueryRow()],
                         layers=layers, grad=True)
     logits = tr.output.logits
-    last = torch.tensor(run.lengths) - 1
+    last = torch.tensor([r["query"][0] if r.get("query") else r.length - 1 for r in run.roles])
     rows = torch.arange(len(run))
     if target is None:
         tgt = logits[torch.arange(B) * n_copies, last[::n_copies]].argmax(-1).detach()
@@ -138,7 +149,7 @@ def cliff_layer(share: Sequence[float], f: float = 0.2) -> int | None:
 @torch.no_grad()
 def truncation_accuracy(model: interp.Model, batches: Sequence, targets: Sequence[Sequence[int]],
                         layers: Sequence[int] | None = None) -> dict[int, float]:
-    """Accuracy (argmax at the last position == target) when every query's attention to ``role:image`` is
+    """Accuracy (argmax at the answer query, the ``query`` role or the last token, == target) when every query's attention to ``role:image`` is
     knocked out in all layers > l, for each l in ``layers`` (default −1 .. L−1; −1: no image at all,
     L−1: nothing blocked)."""
     L = model.n_layers
@@ -151,58 +162,80 @@ def truncation_accuracy(model: interp.Model, batches: Sequence, targets: Sequenc
                                      analysis="attribution.cam", params={"truncate_after": l})
         hit = n = 0
         for inputs, tgt in zip(batches, targets):
-            batch = model.encode(inputs)
-            with interp.patch(model, spec), model.engine.running(batch):
-                logits = model.hf(**batch.model_inputs()).logits
-            last = torch.tensor(batch.lengths) - 1
-            pred = logits[torch.arange(len(batch)), last].argmax(-1)
+            batch = _encode(model, inputs)
+            pred = model.answer_logits(batch, spec).argmax(-1)
             hit += int((pred == torch.as_tensor(tgt)).sum())
             n += len(batch)
         acc[l] = hit / max(n, 1)
     return acc
 
 
-def cam(model: interp.Model, inputs, target: int | None = None, *, method: str = "gradcam",
-        layers: Sequence[int] | None = None, site: str = "resid_pre", smooth: int = 0, sigma: float = 0.1,
-        f: float = 0.2, image: torch.Tensor | None = None, truncation: tuple[Sequence, Sequence] | None = None,
-        seed: int = 0) -> Finding:
-    """LLaVA-CAM of one image + prompt: maps [L, h, w] (``method`` of METHODS), attention shares, cliff layer,
-    and, with ``truncation=(batches, targets)``, the accuracy when image tokens are blocked after each layer.
+class Cam(Analysis):
+    """LLaVA-CAM of one image and prompt: maps per layer, attention shares, cliff layer (and truncation)."""
 
-    ``image`` [3, H, W] in 0..1 is what the figure shows (default: the pixel values rescaled to 0..1)."""
-    if method not in METHODS:
-        raise interp.InterpError(f"unknown method {method!r}: use one of {METHODS}")
-    batch = model.encode(inputs)
-    if len(batch) != 1:
-        raise interp.InterpError(f"cam takes one image and prompt at a time, got a batch of {len(batch)}")
-    layers = list(range(model.n_layers)) if layers is None else [l % model.n_layers for l in layers]
-    r = cam_maps(model, batch, target, layers=layers, site=site, smooth=smooth, sigma=sigma, seed=seed)
-    n = r[method].shape[-1]
-    side = int(math.isqrt(n))
-    grid = (side, n // side) if side * side == n else (1, n)
-    maps = r[method][0].view(len(layers), *grid)
-    mass = r[method][0].clamp(min=0).sum(-1)
-    table = pd.DataFrame({"layer": layers, "attn_image": r["share_image"][0].numpy(),
-                          "cam_mass": (mass / mass.max().clamp_min(1e-30)).numpy(),
-                          "attn_bos": r["share_bos"][0].numpy(), "attn_text": r["share_text"][0].numpy(),
-                          "cam_l1": mass.numpy()})
-    cliff = cliff_layer(table.attn_image, f)
-    metrics = {"target_id": int(r["target"][0]), "cliff_layer": None if cliff is None else layers[cliff],
-               "attn_image_peak_layer": int(layers[int(table.attn_image.values.argmax())]),
-               "cam_peak_layer": int(layers[int(mass.argmax())])}
-    if model.tokenizer is not None:
-        metrics["target"] = model.tokenizer.convert_ids_to_tokens(metrics["target_id"])
-    if truncation is not None:
-        acc = truncation_accuracy(model, *truncation)
-        metrics["truncation_acc"] = {int(k): v for k, v in acc.items()}
-        table.insert(3, "trunc_acc", [acc.get(l, float("nan")) for l in layers])
-    if image is None:
-        px = batch.extra["pixel_values"][0].float()
-        image = (px - px.min()) / (px.max() - px.min()).clamp_min(1e-12)
-    params = {"method": method, "site": site, "layers": layers, "smooth": smooth, "sigma": sigma, "f": f,
-              "grid": list(grid), "map_label": f"{method} (layer per panel)", "layer": int(mass.argmax())}
-    arrays = {"map": maps, "raw": r["raw"][0].view(len(layers), *grid), "image": image.detach().float().cpu()}
-    return Finding("attribution.cam", table, params, model.identity(), digest(batch.input_ids), metrics, arrays)
+    name = "attribution.cam"
+    title = "LLaVA-CAM"
+    requires = ("vision",)
+    in_scan = True
+    figures = (_static.image_map, _interactive.image_map)
+
+    def run(self, model: interp.Model, inputs=None, target: int | None = None, *, method: str = "gradcam",
+            layers: Sequence[int] | None = None, site: str = "resid_pre", smooth: int = 0, sigma: float = 0.1,
+            f: float = 0.2, image: torch.Tensor | None = None, truncation: tuple[Sequence, Sequence] | None = None,
+            seed: int = 0) -> Finding:
+        """LLaVA-CAM of one image + prompt: maps [L, h, w] (``method`` of METHODS), attention shares, cliff layer,
+        and, with ``truncation=(batches, targets)``, the accuracy when image tokens are blocked after each layer.
+
+        ``image`` [3, H, W] in 0..1 is what the figure shows (default: the pixel values rescaled to 0..1)."""
+        if method not in METHODS:
+            raise interp.InterpError(f"unknown method {method!r}: use one of {METHODS}")
+        if inputs is None:
+            from interp.testbed.items import default_items
+            inputs = default_items(model)[:1]
+        if image is None and isinstance(inputs, (vlm.VQAItem, list)) and inputs and isinstance(
+                (inputs if isinstance(inputs, list) else [inputs])[0], vlm.VQAItem):
+            image = (inputs if isinstance(inputs, list) else [inputs])[0].shown_image()
+        batch = _encode(model, inputs)
+        if len(batch) != 1:
+            raise interp.InterpError(f"cam takes one image and prompt at a time, got a batch of {len(batch)}")
+        layers = list(range(model.n_layers)) if layers is None else [l % model.n_layers for l in layers]
+        r = cam_maps(model, batch, target, layers=layers, site=site, smooth=smooth, sigma=sigma, seed=seed)
+        n = r[method].shape[-1]
+        side = int(math.isqrt(n))
+        grid = (side, n // side) if side * side == n else (1, n)
+        maps = r[method][0].view(len(layers), *grid)
+        mass = r[method][0].clamp(min=0).sum(-1)
+        table = pd.DataFrame({"layer": layers, "attn_image": r["share_image"][0].numpy(),
+                              "cam_mass": (mass / mass.max().clamp_min(1e-30)).numpy(),
+                              "attn_bos": r["share_bos"][0].numpy(), "attn_text": r["share_text"][0].numpy(),
+                              "cam_l1": mass.numpy()})
+        cliff = cliff_layer(table.attn_image, f)
+        metrics = {"target_id": int(r["target"][0]), "cliff_layer": None if cliff is None else layers[cliff],
+                   "attn_image_peak_layer": int(layers[int(table.attn_image.values.argmax())]),
+                   "cam_peak_layer": int(layers[int(mass.argmax())])}
+        if model.tokenizer is not None:
+            metrics["target"] = model.tokenizer.convert_ids_to_tokens(metrics["target_id"])
+        if truncation is not None:
+            acc = truncation_accuracy(model, *truncation)
+            metrics["truncation_acc"] = {int(k): v for k, v in acc.items()}
+            table.insert(3, "trunc_acc", [acc.get(l, float("nan")) for l in layers])
+        if image is None:
+            px = batch.extra["pixel_values"][0].float()
+            image = (px - px.min()) / (px.max() - px.min()).clamp_min(1e-12)
+        params = {"method": method, "site": site, "layers": layers, "smooth": smooth, "sigma": sigma, "f": f,
+                  "grid": list(grid), "map_label": f"{method} (layer per panel)", "layer": int(mass.argmax())}
+        arrays = {"map": maps, "raw": r["raw"][0].view(len(layers), *grid), "image": image.detach().float().cpu()}
+        return Finding(self.name, table, params, model.identity(), digest(batch.input_ids), metrics, arrays)
+
+    def explain(self, finding: Finding) -> str:
+        m, p = finding.metrics, finding.params
+        cliff = ("no cliff layer (the image share never stays below a fifth of its peak)" if m["cliff_layer"] is None
+                 else f"the image share falls for good at layer {m['cliff_layer']}")
+        return (f"The {p['method']} map for {m.get('target', m['target_id'])!r} is largest at layer {m['cam_peak_layer']} "
+                f"and the answer query reads the image most at layer {m['attn_image_peak_layer']}; {cliff}.")
+
+
+cam = Cam()
 
 
 # ------------------------------------------------------------------------------------ testbed evaluation
@@ -222,49 +255,71 @@ def testbed_batches(tokenizer, meta: dict, items: Sequence, batch_size: int = 64
     return out
 
 
-def testbed_maps(model: interp.Model, tokenizer, meta: dict, items: Sequence, **kw) -> dict[str, torch.Tensor]:
-    """:func:`cam_maps` for every (scene, question) item, target = the gold first answer token; [N, L, 64]."""
+def item_maps(model: interp.Model, items: Sequence[vlm.VQAItem], batch_size: int = 64, **kw) -> dict[str, torch.Tensor]:
+    """:func:`cam_maps` for every VQAItem, target = the first token of its answer; [N, L, n]."""
+    items = vlm.as_items(items)
+    tgt = vlm.answer_ids(model, items)
     res: dict[str, torch.Tensor] = {}
-    for inputs, tgt, idx in testbed_batches(tokenizer, meta, items):
-        for k, v in cam_maps(model, inputs, tgt, **kw).items():
-            if k not in res:
-                res[k] = torch.zeros((len(items),) + v.shape[1:], dtype=v.dtype)
-            res[k][idx] = v
-    return res
+    for i in range(0, len(items), batch_size):
+        for k, v in cam_maps(model, items[i:i + batch_size], tgt[i:i + batch_size].tolist(), **kw).items():
+            res.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in res.items()}
 
 
-def localisation(model: interp.Model, tokenizer, meta: dict, n_scenes: int = 70, *, seed: int = 0,
-                 methods: Sequence[str] = METHODS, occlusion: bool = True, n_boot: int = 1000, **kw) -> Finding:
-    """Pointing game and energy in box (95% bootstrap CIs) of every map and layer against the question's
-    object on ``n_scenes`` held-out testbed scenes, beside the random, all-objects and occlusion references
-    (rows with ``layer = -1``), plus the mean attention shares per layer, the cliff layer and the
-    truncation accuracies."""
-    from interp.testbed.localize import (all_objects_maps, localisation_items, localisation_table, occlusion_maps,
-                                         random_maps, target_masks)
-    items = localisation_items(n_scenes, seed=seed)
-    masks = target_masks(items)
-    r = testbed_maps(model, tokenizer, meta, items, **kw)
-    refs = {"random": random_maps(len(items), seed), "all_objects": all_objects_maps(items)}
-    if occlusion:
-        refs["occlusion"] = occlusion_maps(model, items)
-    rows = []
-    for name, mp in refs.items():
-        rows.append(localisation_table({name: mp}, masks, n_boot=n_boot, seed=seed).assign(layer=-1))
-    for meth in methods:
-        for l in range(r[meth].shape[1]):
-            rows.append(localisation_table({meth: r[meth][:, l]}, masks, n_boot=n_boot, seed=seed).assign(layer=l))
-    table = pd.concat(rows, ignore_index=True)
-    share = {k: r[f"share_{k}"].mean(0) for k in ("image", "bos", "text")}
-    batches = testbed_batches(tokenizer, meta, items)
-    acc = truncation_accuracy(model, [b[0] for b in batches], [b[1] for b in batches])
-    cliff = cliff_layer(share["image"])
-    ranked = table[table.layer >= 0].sort_values("pointing", ascending=False)
-    best = ranked.iloc[0]
-    metrics = {"n_items": len(items), "n_scenes": n_scenes, "cliff_layer": cliff,
-               "attn_share_image": share["image"].tolist(), "attn_share_bos": share["bos"].tolist(),
-               "attn_share_text": share["text"].tolist(), "truncation_acc": {int(k): v for k, v in acc.items()},
-               "best": f"{best.method}@{int(best.layer)}", "best_pointing": float(best.pointing)}
-    params = {"n_scenes": n_scenes, "seed": seed, "methods": list(methods), "n_boot": n_boot, **kw}
-    return Finding("attribution.localisation", table, params, model.identity(),
-                   digest([[s.seed, q.text] for s, q in items]), metrics,
-                   {"share": torch.stack([share[k] for k in ("image", "bos", "text")])})
+class CamLocalisation(Analysis):
+    """Every LLaVA-CAM map and layer scored against the answer's object, beside the references."""
+
+    name = "attribution.cam_localisation"
+    title = "LLaVA-CAM localisation"
+    requires = ("vision",)
+    in_scan = False
+    figures = (_static.localisation, _interactive.localisation)
+
+    def run(self, model: interp.Model, inputs=None, *, seed: int = 0, methods: Sequence[str] = METHODS,
+            occlusion: bool = True, n_boot: int = 1000, n_scenes: int = 70, **kw) -> Finding:
+        """Pointing game and energy in box (95% bootstrap CIs) of every map and layer against each item's object
+        (``inputs``: VQAItems with boxes or masks; None: the questions about one object of ``n_scenes`` held-out
+        testbed scenes), beside the random, all-objects and occlusion references (rows with ``layer = -1``), plus
+        the mean attention shares per layer, the cliff layer and the truncation accuracies."""
+        if inputs is None:
+            from interp.testbed.items import default_items
+            inputs = default_items(model, n_scenes, seed=seed)
+        items = vlm.as_items(inputs)
+        if not all(it.has_target for it in items):
+            raise interp.InterpError("every item needs boxes or a mask of the answer's object to score maps")
+        r = item_maps(model, items, **kw)
+        masks, refs = vlm.reference_maps(model, items, occlusion=occlusion, seed=seed)
+        rows = [vlm.localisation_table({name: mp}, masks, n_boot=n_boot, seed=seed).assign(layer=-1)
+                for name, mp in refs.items()]
+        for meth in methods:
+            for l in range(r[meth].shape[1]):
+                rows.append(vlm.localisation_table({meth: r[meth][:, l]}, masks, n_boot=n_boot, seed=seed)
+                            .assign(layer=l))
+        table = pd.concat(rows, ignore_index=True)
+        share = {k: r[f"share_{k}"].mean(0) for k in ("image", "bos", "text")}
+        tgt = vlm.answer_ids(model, items)
+        chunks = [(items[i:i + 64], tgt[i:i + 64].tolist()) for i in range(0, len(items), 64)]
+        acc = truncation_accuracy(model, [c[0] for c in chunks], [c[1] for c in chunks])
+        cliff = cliff_layer(share["image"])
+        best = table[table.layer >= 0].sort_values("pointing", ascending=False).iloc[0]
+        metrics = {"n_items": len(items), "cliff_layer": cliff,
+                   "attn_share_image": share["image"].tolist(), "attn_share_bos": share["bos"].tolist(),
+                   "attn_share_text": share["text"].tolist(), "truncation_acc": {int(k): v for k, v in acc.items()},
+                   "best": f"{best.method}@{int(best.layer)}", "best_pointing": float(best.pointing),
+                   "references": {m: float(table[(table.layer == -1) & (table.method == m)].pointing.iloc[0])
+                                  for m in refs}}
+        params = {"seed": seed, "methods": list(methods), "n_boot": n_boot, **kw}
+        enc = vlm.encode_vqa(model, items)
+        return Finding(self.name, table, params, model.identity(), digest(enc.input_ids), metrics,
+                       {"share": torch.stack([share[k] for k in ("image", "bos", "text")])})
+
+    def explain(self, finding: Finding) -> str:
+        m = finding.metrics
+        refs = ", ".join(f"{k} {v:.2f}" for k, v in m["references"].items())
+        L = max(m["truncation_acc"])
+        return (f"Over {m['n_items']} items the best map ({m['best']}) points at the answer's object "
+                f"{m['best_pointing'] * 100:.0f} % of the time (references: {refs}); blocking the image after "
+                f"every layer drops accuracy from {m['truncation_acc'][L]:.2f} to {m['truncation_acc'][-1]:.2f}.")
+
+
+cam_localisation = CamLocalisation()

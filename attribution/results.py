@@ -31,7 +31,7 @@ def main() -> None:
     from interp.testbed import load_testbed
     hf, tok, meta = load_testbed("llava_ar")
     ar = interp.load(hf, tokenizer=tok, name="testbed-llava-ar")
-    f = cam.localisation(ar, tok, meta, args.scenes)
+    f = cam.cam_localisation(ar, n_scenes=args.scenes)
     print(f"## LLaVA-CAM localisation (AR testbed, {f.metrics['n_items']} items)\n\n{_md(f.table)}\n")
     print(f"attention share (image / bos / text) per layer: "
           f"{[round(x, 3) for x in f.metrics['attn_share_image']]} / {[round(x, 3) for x in f.metrics['attn_share_bos']]}"
@@ -40,15 +40,16 @@ def main() -> None:
           f"{ {k: round(v, 3) for k, v in f.metrics['truncation_acc'].items()} }\n")
     hf2, tok2, meta2 = load_testbed("llada_diffusion")
     dm = interp.load(hf2, tokenizer=tok2, name="testbed-llada")
-    d = diffusion_cam.localisation(dm, tok2, meta2, args.scenes)
+    d = diffusion_cam.diffusion_cam_localisation(dm, n_scenes=args.scenes)
     print(f"## Diffusion-CAM ablation (diffusion testbed, {d.metrics['n_items']} items, step {d.metrics['step_used']}, "
           f"layer {d.metrics['layer']}, contrast {d.metrics['contrast']})\n\n{_md(d.table)}\n")
     print("raw map by step / contrast / layer (pointing, energy):")
     for step in (0, None):
         for contrast in ("vocab_sum", "token"):
             for layer in range(dm.n_layers - 1):
-                g = diffusion_cam.localisation(dm, tok2, meta2, args.scenes, step=step, layer=layer, contrast=contrast,
-                                               occlusion=False, n_boot=200).table.set_index("method")
+                g = diffusion_cam.diffusion_cam_localisation(dm, n_scenes=args.scenes, step=step, layer=layer,
+                                                             contrast=contrast, occlusion=False,
+                                                             n_boot=200).table.set_index("method")
                 print(f"  step {'final' if step is None else step:>5}  {contrast:<9}  layer {layer}: "
                       f"{g.loc['raw', 'pointing']:.3f}, {g.loc['raw', 'energy']:.3f}")
     if args.figures:

@@ -4,7 +4,7 @@ import torch
 
 import interp
 from tests.conftest import load_testbed_model
-from attribution.diffusion_cam import STAGES, akd, akd_kernel_size, cba, dacg, diffusion_cam, localisation, sicd
+from attribution.diffusion_cam import STAGES, akd, akd_kernel_size, cba, dacg, diffusion_cam, diffusion_cam_localisation, sicd
 from interp.testbed import CHECKPOINT_DIR, build_inputs, make_dataset
 
 pytestmark = pytest.mark.skipif(not (CHECKPOINT_DIR / "llada_diffusion" / "model.safetensors").exists(),
@@ -64,7 +64,7 @@ def test_finding_records_step_and_stays_in_range(testbed):
 
 def test_ablation_on_held_out_items(testbed):
     m, tok, meta = testbed
-    f = localisation(m, tok, meta, 70, n_boot=500)
+    f = diffusion_cam_localisation(m, n_scenes=70, n_boot=500)
     t = f.table.set_index("method")
     assert f.metrics["n_items"] >= 200 and f.metrics["in_range"]
     assert list(t.index) == ["random", "all_objects", "occlusion", "raw", "+AKD", "+DACG", "+CBA", "+SICD"]
