@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -37,9 +38,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .errors import InterpError
+
 ATTN_NAME = "interp"
 CHUNK_ELEMENTS = 2**24  # largest [b, h, q_chunk, k] block materialised at once (64 MiB in fp32)
 CAUSAL_CHUNKS = 8  # query chunks of a read-only causal call: each stops at its last visible key
+BLOCK = -1e9  # logit bias that removes a key (exp underflows to exactly 0 in fp32)
 
 
 @dataclass
@@ -55,6 +59,7 @@ class AttnCall:
     query_valid: torch.Tensor | None  # bool [b, q] for this chunk (False at padding), or None
     logits: torch.Tensor | None = None  # [b, h, q, k] logits the weights are the softmax of (eager path, unedited weights)
     lse: torch.Tensor | None = None  # [b, h, q] log Σ_k exp(logits), from the SDPA kernel, when it gave it
+    k_start: int = 0  # absolute position of key 0 (> 0 when a sliding-window cache dropped earlier keys)
 
     @functools.cached_property
     def visible(self) -> torch.Tensor | None:
@@ -65,6 +70,10 @@ class AttnCall:
     @property
     def q_positions(self) -> torch.Tensor:
         return torch.arange(self.q_start, self.q_start + self.q_len)
+
+    @property
+    def k_positions(self) -> torch.Tensor:
+        return torch.arange(self.k_start, self.k_start + self.k_len)
 
 
 class AttentionHook(Protocol):
@@ -91,7 +100,11 @@ class AttentionHook(Protocol):
 
 
 class Engine:
-    """Per-model hook registry. Attention modules point at it through ``_interp_engine``."""
+    """Per-model hook registry. Attention modules point at it through ``_interp_engine``.
+
+    One thread at a time: while a thread runs inputs (:meth:`running`) or holds hooks (:meth:`using`), another
+    thread that tries either, or runs a forward, gets an :class:`InterpError` (its rows would otherwise mix with
+    the first thread's, or run under its edits)."""
 
     def __init__(self, attn_modules: list[nn.Module], causal: bool = True):
         self.causal = causal  # from the model config (a module's own is_causal flag can be stale)
@@ -100,9 +113,13 @@ class Engine:
         self.roles = None  # list[Roles] of the running inputs, for role selectors
         self.batch_len = 0  # padded length of the running inputs (tokens beyond it are generated)
         self.offset = 0  # tokens already in the KV cache (generation)
+        self.tracking_offset = 0  # > 0 while a patch reads ``offset`` from the cache at every forward
         self.step: int | None = None  # denoising step (diffusion LMs), for step-scoped edits
         self.sinks: dict[int, torch.Tensor] = {}  # layer -> bool [b, T] sink tokens found at run time
         self._scratch: dict[str, torch.Tensor] = {}  # reused [b, h, q, k] buffers, freed with the last hook
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread running inputs or holding hooks
+        self._depth = 0
         for i, m in enumerate(attn_modules):
             m._interp_engine = self
             m._interp_layer = i
@@ -113,27 +130,58 @@ class Engine:
             out |= h.needs(layer)
         return out
 
+    def check_thread(self) -> None:
+        """Refuse use from a thread other than the one running inputs or holding hooks."""
+        owner = self._owner
+        if owner is not None and owner != threading.get_ident():
+            raise InterpError("this model is in use by another thread (a capture, patch or generation is running "
+                              "there): an interp model serves one thread at a time; load one model per thread or "
+                              "serialise the calls with a lock")
+
+    @contextlib.contextmanager
+    def claimed(self) -> Iterator[None]:
+        """Hold the engine for this thread (re-entrant) while the block runs."""
+        me = threading.get_ident()
+        with self._lock:
+            self.check_thread()
+            self._owner = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._owner = None
+
     @contextlib.contextmanager
     def running(self, batch) -> Iterator[None]:
         """Make the roles and padding of ``batch`` known to hooks while it runs."""
-        saved = (self.query_valid, self.roles, self.batch_len)
-        self.query_valid, self.roles = batch.attention_mask.bool(), batch.roles
-        self.batch_len = batch.input_ids.shape[1]
-        try:
-            yield
-        finally:
-            self.query_valid, self.roles, self.batch_len = saved
+        with self.claimed():
+            saved = (self.query_valid, self.roles, self.batch_len)
+            self.query_valid, self.roles = batch.attention_mask.bool(), batch.roles
+            self.batch_len = batch.input_ids.shape[1]
+            try:
+                yield
+            finally:
+                self.query_valid, self.roles, self.batch_len = saved
 
     @contextlib.contextmanager
     def using(self, *hooks: AttentionHook) -> Iterator[None]:
-        n = len(self.hooks)
-        self.hooks.extend(hooks)
-        try:
-            yield
-        finally:
-            del self.hooks[n:]
-            if not self.hooks:
-                self._scratch.clear()
+        """Add ``hooks`` while the block runs; on exit exactly these are removed (by identity), so contexts
+        may close in any order."""
+        with self.claimed():
+            self.hooks.extend(hooks)
+            try:
+                yield
+            finally:
+                for hk in hooks:
+                    for i in range(len(self.hooks) - 1, -1, -1):
+                        if self.hooks[i] is hk:
+                            del self.hooks[i]
+                            break
+                if not self.hooks:
+                    self._scratch.clear()
 
     def scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A reusable buffer of ``shape`` (dtype and device of ``like``), grown when too small."""
@@ -150,6 +198,8 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
     """The registered attention function. query [b,h,q,d]; key/value [b,kv,k,d]; returns ([b,q,h,d], weights)."""
     engine: Engine | None = getattr(module, "_interp_engine", None)
     layer = getattr(module, "_interp_layer", None)
+    if engine is not None:
+        engine.check_thread()
     needs = engine.needs(layer) if engine is not None else set()
     softcap = kwargs.get("softcap")
     if scaling is None:
@@ -157,7 +207,17 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
     b, h, q_len, _ = query.shape
     k_len = key.shape[2]
     causal = engine.causal if engine is not None else getattr(module, "is_causal", True)
-    q_offset = k_len - q_len if causal else 0
+    q_offset = k_len - q_len if causal else 0  # of the queries among these keys (for the mask)
+    # absolute positions: with a KV cache the patch layer tracks the tokens already cached (``engine.offset``);
+    # a sliding-window cache hands over only the last keys, so key 0 may sit after position 0
+    q_abs = q_offset
+    if engine is not None and causal and engine.tracking_offset:
+        if q_offset > engine.offset:
+            raise InterpError(f"attention at layer {layer} sees {q_offset} cached keys but the patch layer read "
+                              f"{engine.offset} from the model's cache: transformers changed how the cache is "
+                              "passed, so position-bound edits would hit the wrong tokens")
+        q_abs = engine.offset
+    k_start = q_abs - q_offset
 
     def float_mask() -> torch.Tensor | None:
         """The additive float mask [b, 1, q, k]; built here when HF left it out (None: plain causal or full)."""
@@ -172,9 +232,9 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
         mask = full_mask[:, :, q0:q1, :k_stop] if full_mask is not None else None
         qv = engine.query_valid if engine is not None else None
         if qv is not None:
-            start = q_offset + q0
+            start = q_abs + q0
             qv = qv[:, start:start + (q1 - q0)] if qv.shape[1] >= start + (q1 - q0) else None
-        return AttnCall(layer, q_offset + q0, q1 - q0, k_len, h, mask, qv)
+        return AttnCall(layer, q_abs + q0, q1 - q0, k_len, h, mask, qv, k_start=k_start)
 
     hooks = engine.hooks if engine is not None else []
 
@@ -321,12 +381,28 @@ def _keeps(hook, layer: int) -> set[str]:
 
 
 def _sum_bias(hooks, layer, call, query, key):
+    """The hooks' logit biases, summed. A row whose every visible key is blocked (bias ≤ BLOCK/2) gets no bias at
+    all and keeps its distribution: with a finite block it would otherwise become uniform over its keys."""
     total = None
     for hk in hooks:
         if "bias" in hk.needs(layer):
             bias = hk.logit_bias(layer, call, query, key)
             if bias is not None:
                 total = bias if total is None else total + bias
+    if total is not None:
+        open_ = total > BLOCK / 2
+        vis = call.visible
+        if vis is not None:
+            kw = total.shape[-1]
+            if vis.shape[-1] < kw:  # a chunk cut at its last visible key: the later keys are masked
+                vis = torch.cat([vis, vis.new_zeros(*vis.shape[:-1], kw - vis.shape[-1])], -1)
+            vis = vis[..., :kw]
+            open_ = open_ & vis
+        shut = ~open_.any(-1, keepdim=True)
+        if vis is not None:
+            shut = shut & vis.any(-1, keepdim=True)
+        if shut.any():
+            total = torch.where(shut, torch.zeros((), dtype=total.dtype), total)
     return total
 
 

@@ -22,39 +22,10 @@ from typing import Any
 import torch
 
 from .errors import InterpError
+from .ops import COMMON, DISTANCE_FNS, OPS, SELECTOR_HELP, _is_ints, _is_num, _is_selector  # noqa: F401 (re-exported)
 
 SCHEMA = "interp.spec/1"
-SELECTOR_HELP = "'all', 'last', 'none', 'sink', 'role:NAME', an index, a range 'a:b', or a list of those"
-DISTANCE_FNS = ("log1p", "linear", "constant")
-
-# op -> {field: (kind, required)}; shared fields are added below.
-_SEL, _NUM, _BOOL, _INTS, _STR, _TENSOR = "selector", "number", "bool", "ints", "str", "tensor"
-OPS: dict[str, dict[str, tuple[str, bool]]] = {
-    "attn.scale_weights": {"queries": (_SEL, False), "keys": (_SEL, True), "factor": (_NUM, True),
-                           "renormalize": (_BOOL, False), "redistribute_to": (_SEL, False)},
-    "attn.add_logit_bias": {"queries": (_SEL, False), "keys": (_SEL, False), "bias": (_NUM, False),
-                            "distance": ("distance", False), "tensor": (_TENSOR, False)},
-    "attn.replace_pattern": {"queries": (_SEL, False), "mode": (("local_window", "copy_head"), True),
-                             "window": (_NUM, False), "keep_sink": (_BOOL, False), "source_head": (_NUM, False)},
-    "attn.knockout": {"queries": (_SEL, True), "keys": (_SEL, True)},
-    "attn.head_scale": {"queries": (_SEL, False), "factor": (_NUM, True)},
-    "attn.head_ablate": {"queries": (_SEL, False), "mode": (("zero", "mean"), False), "tensor": (_TENSOR, False)},
-    "resid.add": {"positions": (_SEL, False), "site": (("resid_pre", "resid_post"), False),
-                  "tensor": (_TENSOR, True), "scale": (_NUM, False)},
-    "resid.suppress_dims": {"positions": (_SEL, False), "site": (("resid_pre", "resid_post"), False),
-                            "dims": (_INTS, True), "mode": (("zero", "mean", "clamp"), False),
-                            "value": (_NUM, False), "tensor": (_TENSOR, False)},
-    "patch": {"site": (("resid_pre", "resid_post", "attn.out", "mlp.out", "attn.z"), True),
-              "positions": (_SEL, False), "tensor": (_TENSOR, True)},
-    "attn.oeb": {"queries": (_SEL, False), "segment": (_SEL, True), "bridge": (_SEL, True), "tau_max": (_NUM, False)},
-    "attn.smi": {"queries": (_SEL, False), "source": (_SEL, True), "scale": (_NUM, False)},
-    "attn.amplify": {"queries": (_SEL, False), "keys": (_SEL, True), "alpha": (_NUM, True)},
-}
-_COMMON = {"op": (_STR, True), "layers": ("layers", True), "heads": ("heads", False), "steps": (_INTS, False),
-           "note": (_STR, False)}
-_ATTN_NO_HEADS = ("resid.add", "resid.suppress_dims", "patch")
-
-
+MAX_JSON_BYTES = 64 * 2**20  # a spec document is small; its tensors live in the sidecar
 @dataclass
 class Spec:
     model: dict
@@ -67,10 +38,19 @@ class Spec:
     def for_model(cls, model, edits: list[dict], *, analysis: str = "manual", params: dict | None = None,
                   prompts: str = "", tensors: dict | None = None, sink: dict | None = None) -> "Spec":
         from . import __version__
-        spec = cls(model.identity(), [dict(e) for e in edits],
+        if not isinstance(edits, (list, tuple)):
+            raise InterpError(f"Spec.for_model: edits must be a list of edits (dicts or interp.ops builders), got "
+                              f"{type(edits).__name__}")
+        tensors = dict(tensors or {})
+        for e in edits:  # builder-made edits carry their tensors
+            for k, t in getattr(e, "tensors", {}).items():
+                if k in tensors and not torch.equal(tensors[k], t):
+                    raise InterpError(f"Spec.for_model: two different tensors are named {k!r}")
+                tensors[k] = t
+        spec = cls(model.identity(), [dict(e) if isinstance(e, dict) else e for e in edits],
                    {"analysis": analysis, "params": params or {}, "prompts": prompts, "toolkit": __version__,
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
-                   dict(tensors or {}), sink)
+                   tensors, sink)
         spec.validate()
         spec.check(model)
         return spec
@@ -86,11 +66,25 @@ class Spec:
         return json.dumps(self.to_dict(), indent=1, sort_keys=False)
 
     @classmethod
-    def from_json(cls, text: str, tensors: dict | None = None) -> "Spec":
+    def from_json(cls, text: str | bytes, tensors: dict | None = None) -> "Spec":
+        if isinstance(text, (bytes, bytearray)):
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InterpError(f"spec is not UTF-8 text (byte {e.start}); a spec is a JSON file") from None
+        if not isinstance(text, str):
+            raise InterpError(f"spec: expected JSON text, got {type(text).__name__}")
+        if len(text) > MAX_JSON_BYTES:
+            raise InterpError(f"spec is {len(text)} characters, more than {MAX_JSON_BYTES}: tensors belong in the "
+                              "safetensors sidecar")
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
             raise InterpError(f"spec is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        except RecursionError:
+            raise InterpError("spec is not valid: its JSON is nested too deeply") from None
+        except ValueError as e:  # e.g. an integer literal with thousands of digits
+            raise InterpError(f"spec is not valid JSON: {str(e)[:120]}") from None
         return cls.from_dict(doc, tensors)
 
     @classmethod
@@ -126,8 +120,11 @@ class Spec:
         side = path.with_suffix(".safetensors")
         if side.exists():
             from safetensors.torch import load_file
-            tensors = load_file(str(side))
-        return cls.from_json(path.read_text(), tensors)
+            try:
+                tensors = load_file(str(side))
+            except Exception as e:  # safetensors raises its own error types for a corrupt file
+                raise InterpError(f"could not read the spec's sidecar {side}: {type(e).__name__}: {str(e)[:160]}") from None
+        return cls.from_json(path.read_bytes(), tensors)
 
     # validation ------------------------------------------------------------------------
     def validate(self) -> None:
@@ -136,13 +133,23 @@ class Spec:
             raise InterpError("spec.model: expected an object with name, family, n_layers, n_heads, fingerprint")
         for k, t in (("name", str), ("family", str), ("n_layers", int), ("n_heads", int), ("fingerprint", str)):
             if not isinstance(m.get(k), t) or isinstance(m.get(k), bool):
-                raise InterpError(f"spec.model.{k}: expected {t.__name__}, got {m.get(k)!r}")
+                raise InterpError(f"spec.model.{k}: expected {t.__name__}, got {_short(m.get(k))}")
         if not isinstance(self.provenance, dict):
             raise InterpError("spec.provenance: expected an object")
+        try:
+            json.dumps(self.provenance)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise InterpError(f"spec.provenance: not JSON-serialisable ({type(e).__name__})") from None
+        if not isinstance(self.tensors, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in self.tensors.items()):
+            raise InterpError("spec.tensors: expected a dict of name -> torch.Tensor (the safetensors sidecar)")
         if self.sink is not None:
-            if not isinstance(self.sink, dict) or not _is_ints(self.sink.get("dims")) or \
-                    not _is_num(self.sink.get("tau", 20.0)):
-                raise InterpError("spec.sink: expected {'dims': [int, ...], 'tau': number}")
+            s = self.sink
+            if not isinstance(s, dict) or not set(s) <= {"dims", "tau", "skip_first"} or \
+                    not _is_ints(s.get("dims")) or not s.get("dims") or not _is_num(s.get("tau", 20.0)) or \
+                    not s.get("tau", 20.0) > 0 or not isinstance(s.get("skip_first", False), bool):
+                raise InterpError("spec.sink: expected {'dims': [int ≥ 0, ...] (not empty), 'tau': a number > 0, "
+                                  "'skip_first': a bool (optional)}")
         if not isinstance(self.edits, list):
             raise InterpError("spec.edits: expected a list of edit objects")
         for i, e in enumerate(self.edits):
@@ -151,56 +158,31 @@ class Spec:
     def _validate_edit(self, e: Any, path: str) -> None:
         if not isinstance(e, dict):
             raise InterpError(f"spec.{path}: expected an object, got {type(e).__name__}")
-        op = e.get("op")
-        if op not in OPS:
-            raise InterpError(f"spec.{path}.op: unknown op {op!r}; allowed: {', '.join(OPS)}")
-        fields = {**_COMMON, **OPS[op]}
+        name = e.get("op")
+        if not isinstance(name, str) or name not in OPS:
+            raise InterpError(f"spec.{path}.op: unknown op {_short(name)}; allowed: {', '.join(OPS)}")
+        op = OPS[name]
+        fields = {**COMMON, **op.fields}
         for k in e:
             if k not in fields:
-                raise InterpError(f"spec.{path}.{k}: unknown field for {op}; allowed: {', '.join(fields)}")
-        for k, (kind, required) in fields.items():
+                raise InterpError(f"spec.{path}.{_short(k)}: unknown field for {name}; allowed: {', '.join(fields)}")
+        for k, f in fields.items():
             if k not in e:
-                if required:
-                    raise InterpError(f"spec.{path}.{k}: required for {op}")
+                if f.required:
+                    raise InterpError(f"spec.{path}.{k}: required for {name}")
                 continue
-            v = e[k]
-            ok = {
-                _STR: lambda: isinstance(v, str),
-                _NUM: lambda: _is_num(v),
-                _BOOL: lambda: isinstance(v, bool),
-                _INTS: lambda: _is_ints(v),
-                _SEL: lambda: _is_selector(v),
-                _TENSOR: lambda: isinstance(v, str) and v in self.tensors,
-                "layers": lambda: v == "all" or _is_ints(v),
-                "heads": lambda: v == "all" or _is_ints(v),
-                "distance": lambda: isinstance(v, dict) and v.get("fn") in DISTANCE_FNS and all(
-                    _is_num(v.get(x, 1.0)) for x in ("scale", "d0")) and set(v) <= {"fn", "scale", "d0"},
-            }[kind]() if isinstance(kind, str) else v in kind
-            if not ok:
-                want = {_SEL: SELECTOR_HELP, _TENSOR: f"the name of a tensor in the sidecar ({sorted(self.tensors)})",
-                        "layers": "'all' or a list of ints", "heads": "'all' or a list of ints", _INTS: "a list of ints",
-                        "distance": f"{{'fn': one of {DISTANCE_FNS}, 'scale': number, 'd0': number}}"}.get(
-                    kind, f"one of {list(kind)}" if not isinstance(kind, str) else kind)
-                raise InterpError(f"spec.{path}.{k}: got {v!r}; expected {want}")
-        if op in _ATTN_NO_HEADS and "heads" in e:
-            raise InterpError(f"spec.{path}.heads: {op} acts on the residual stream, not on heads")
-        if op == "attn.scale_weights" and (e["factor"] < 0 or ("redistribute_to" in e and e["factor"] > 1)):
-            raise InterpError(f"spec.{path}.factor: got {e['factor']!r}; expected ≥ 0 (≤ 1 with redistribute_to)")
-        if op == "attn.add_logit_bias" and sum(x in e for x in ("bias", "distance", "tensor")) != 1:
-            raise InterpError(f"spec.{path}: attn.add_logit_bias needs exactly one of bias, distance, tensor")
-        if op == "attn.oeb" and not 0 <= e.get("tau_max", 0.15) <= 1:
-            raise InterpError(f"spec.{path}.tau_max: got {e['tau_max']!r}; expected a number in [0, 1]")
-        if op == "attn.replace_pattern":
-            need = "window" if e["mode"] == "local_window" else "source_head"
-            if need not in e:
-                raise InterpError(f"spec.{path}.{need}: required for mode {e['mode']!r}")
+            if not f.ok(e[k], self.tensors):
+                raise InterpError(f"spec.{path}.{k}: got {_short(e[k])}; expected {f.want(self.tensors)}")
+        if not op.on_heads and "heads" in e:
+            raise InterpError(f"spec.{path}.heads: {name} acts on the residual stream, not on heads")
+        op.validate(e, path, self.tensors)
 
     def check(self, model) -> None:
         """Refuse, with the reason, a spec written for another model; check layer/head ranges."""
         mine, theirs = model.identity(), self.model
         for k in ("n_layers", "n_heads", "family"):
             if mine[k] != theirs[k]:
-                raise InterpError(f"this spec was written for {theirs['name']} ({k}={theirs[k]}), but "
+                raise InterpError(f"this spec was written for {theirs['name']} ({k}={_short(theirs[k])}), but "
                                   f"{mine['name']} has {k}={mine[k]}: it cannot be applied to this model")
         if mine["fingerprint"] != theirs["fingerprint"]:
             raise InterpError(f"this spec was written for {theirs['name']} (config fingerprint "
@@ -211,31 +193,22 @@ class Spec:
             if layers != "all":
                 bad = [l for l in layers if not 0 <= l < mine["n_layers"]]
                 if bad:
-                    raise InterpError(f"spec.edits[{i}].layers: {bad} out of range (0..{mine['n_layers'] - 1})")
+                    raise InterpError(f"spec.edits[{i}].layers: {_short(bad)} out of range (0..{mine['n_layers'] - 1})")
             heads = e.get("heads", "all")
             if heads != "all":
                 bad = [h for h in heads if not 0 <= h < mine["n_heads"]]
                 if bad:
-                    raise InterpError(f"spec.edits[{i}].heads: {bad} out of range (0..{mine['n_heads'] - 1})")
-            if e.get("source_head") is not None and not 0 <= int(e["source_head"]) < mine["n_heads"]:
-                raise InterpError(f"spec.edits[{i}].source_head: out of range (0..{mine['n_heads'] - 1})")
-            if e.get("dims") and max(e["dims"]) >= model.d_model:
-                raise InterpError(f"spec.edits[{i}].dims: out of range (0..{model.d_model - 1})")
+                    raise InterpError(f"spec.edits[{i}].heads: {_short(bad)} out of range (0..{mine['n_heads'] - 1})")
+            OPS[e["op"]].check(e, f"edits[{i}]", model, self.tensors)
+        if self.sink is not None and max(self.sink["dims"]) >= model.d_model:
+            raise InterpError(f"spec.sink.dims: {_short([d for d in self.sink['dims'] if d >= model.d_model])} out of range "
+                              f"(0..{model.d_model - 1})")
 
 
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
-
-
-def _is_ints(v) -> bool:
-    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
-
-
-def _is_selector(v) -> bool:
-    if isinstance(v, bool):
-        return False
-    if isinstance(v, int):
-        return True
-    if isinstance(v, str):
-        return bool(v.strip())
-    return isinstance(v, list) and all(_is_selector(x) and not isinstance(x, list) for x in v)
+def _short(v: Any) -> str:
+    """repr of a value for an error message, cut short (a field may hold anything)."""
+    try:
+        r = repr(v)
+    except Exception:  # e.g. an int with more digits than Python will print
+        r = f"<{type(v).__name__}>"
+    return r if len(r) <= 80 else r[:77] + "..."

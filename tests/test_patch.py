@@ -7,6 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import interp
+import interp.ops
 from interp import InterpError, Spec
 from tests.conftest import ForceEager, random_ids, tiny_hf
 
@@ -119,15 +120,35 @@ def test_head_ablate_equals_zeroing_the_slice_before_o_proj(llama):
 
 def test_head_scale_and_mean_ablate_by_hand(llama):
     x = ids_batch()
+    ref_prompts = {"input_ids": random_ids(10, b=3, seed=21), "attention_mask": torch.ones(3, 10, dtype=torch.long)}
+    ref_prompts["attention_mask"][1, 7:] = 0  # padding is not part of the reference mean
+    zr = interp.capture(llama, ref_prompts, sites="blocks.2.attn.z")["blocks.2.attn.z"]
+    m = ref_prompts["attention_mask"].bool()
+    mu = zr[m].mean(0)  # [h, d]: mean over the real reference tokens
+    assert torch.allclose(interp.ops.mean_z(llama, ref_prompts, [2])[0], mu, atol=1e-6)
     tr = interp.capture(llama, x, sites="blocks.2.attn.z")
     z = tr["blocks.2.attn.z"]
-    for edit, f in [({"mode": "mean"}, lambda t: t.mean(1, keepdim=True).expand_as(t)), (None, lambda t: 0.5 * t)]:
-        e = {"op": "attn.head_ablate", "layers": [2], "heads": [0], **edit} if edit else \
-            {"op": "attn.head_scale", "layers": [2], "heads": [0], "factor": 0.5}
+    mean_edit = interp.ops.head_ablate([2], heads=[0], mode="mean", reference=(llama, ref_prompts))
+    for e, f in [(mean_edit, lambda t: mu[0].expand_as(t)),
+                 ({"op": "attn.head_scale", "layers": [2], "heads": [0], "factor": 0.5}, lambda t: 0.5 * t)]:
         with interp.patch(llama, spec(llama, e)):
             got = interp.capture(llama, x, sites="blocks.2.attn.z")["blocks.2.attn.z"]
         assert (got[:, :, 0] - f(z[:, :, 0])).abs().max() <= 1e-6
         assert torch.equal(got[:, :, 1:], z[:, :, 1:])
+
+
+def test_mean_ablate_needs_a_reference_mean_and_is_causal(llama):
+    """Regression: mode 'mean' without a tensor averaged over the current call's queries, so later tokens leaked
+    into earlier positions (and the result depended on the chunking and was a no-op in cached generation)."""
+    with pytest.raises(InterpError, match="reference set"):
+        spec(llama, {"op": "attn.head_ablate", "layers": [1], "heads": [0], "mode": "mean"})
+    e = interp.ops.head_ablate([1], heads=[0], mode="mean", reference=(llama, ids_batch()))
+    s = spec(llama, e)
+    a, b = random_ids(12, seed=5), random_ids(12, seed=5)
+    b[0, 8:] = random_ids(4, seed=6)[0]  # same prefix, different future
+    with interp.patch(llama, s):
+        la, lb = logits(llama, {"input_ids": a}), logits(llama, {"input_ids": b})
+    assert torch.equal(la[:, :8], lb[:, :8])  # the future cannot change the past
 
 
 def test_patch_full_residual_reproduces_source_run(llama):
@@ -212,8 +233,8 @@ def test_neutral_parameters_are_noops_on_smollm2(smol, edit):
 def test_weight_edits_at_neutral_parameters_equal_the_eager_baseline(smol, monkeypatch):
     """Identity edits are skipped, so the SDPA path stays bit-exact; run anyway on the eager path, the ops'
     formulas at their neutral parameters equal the eager computation without them."""
-    import sys
-    monkeypatch.setattr(sys.modules["interp.patch"], "_neutral", lambda e: False)
+    for op in interp.ops.OPS.values():
+        monkeypatch.setattr(type(op), "neutral", lambda self, e: False)
     b = smol.encode("The capital of France is")
     with smol.engine.using(ForceEager()):
         want = smol.logits(b)

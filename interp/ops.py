@@ -1,0 +1,725 @@
+"""The ops a Spec can hold: one class per op, one table (:data:`OPS`), and a typed builder per op.
+
+Each op class holds its schema (fields, with kinds and value ranges; the shapes and ranges of its sidecar
+tensors), what it needs from the attention engine (``bias`` — an additive logit bias, which runs under SDPA —,
+``logits``, ``weights``, ``z`` — per-head outputs before the output projection — or ``resid`` — a forward hook
+on a residual site), its neutral value (an edit at it is skipped, so the model computes bit for bit what it
+computed before) and how it applies. :class:`interp.spec.Spec` validates edits with these classes and
+:func:`interp.patch` applies them; the math of each op is in :mod:`interp.patch` (METHODS.md §0, P1–P6).
+
+Builders return an :class:`Edit` (a dict with the tensors it refers to), composable into a Spec::
+
+    from interp import ops
+    spec = Spec.for_model(model, [ops.head_scale(layers=[3], heads=[1], factor=0.5),
+                                  ops.resid_add(layers=[5], tensor=v, positions="last")])
+
+Mean-ablation (``attn.head_ablate`` with ``mode="mean"``) replaces a head's output by its mean over a
+reference set (Wang et al. 2022, IOI): :func:`mean_z` computes the per-layer, per-head mean of z over
+reference prompts, and ``head_ablate(..., mode="mean", reference=(model, prompts))`` calls it.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .engine import BLOCK
+from .errors import InterpError
+
+SELECTOR_HELP = "'all', 'last', 'none', 'sink', 'role:NAME', an index, a range 'a:b', or a list of those"
+DISTANCE_FNS = ("log1p", "linear", "constant")
+MAX_GAIN = 1e4  # largest |multiplier| on an activation (scales, factors, α): beyond it fp32 overflows downstream
+MAX_ACT = 1e6  # largest |value| written into an activation (sidecar vectors, patched values, mean values)
+MAX_BIAS = 1e9  # largest |logit bias| (−1e9 blocks a key)
+MAX_FACTOR = 1e6  # largest attention scale factor (a logit bias of log 1e6 ≈ 13.8)
+
+
+# ------------------------------------------------------------------------------------------- schema
+@dataclass(frozen=True)
+class Field:
+    """One field of an edit: its kind, whether it is required, and the range of a number."""
+
+    kind: str | tuple  # selector | number | bool | ints | str | tensor | layers | heads | distance | a tuple of choices
+    required: bool = False
+    lo: float | None = None
+    hi: float | None = None
+    integer: bool = False
+
+    def ok(self, v: Any, tensors: dict) -> bool:
+        k = self.kind
+        if isinstance(k, tuple):
+            return isinstance(v, str) and v in k
+        if k == "number":
+            if not _is_num(v) or (self.integer and not (isinstance(v, int) or float(v).is_integer())):
+                return False
+            return (self.lo is None or v >= self.lo) and (self.hi is None or v <= self.hi)
+        return {
+            "str": lambda: isinstance(v, str),
+            "bool": lambda: isinstance(v, bool),
+            "ints": lambda: _is_ints(v),
+            "selector": lambda: _is_selector(v),
+            "tensor": lambda: isinstance(v, str) and v in tensors,
+            "layers": lambda: v == "all" or _is_ints(v),
+            "heads": lambda: v == "all" or _is_ints(v),
+            "distance": lambda: _is_distance(v),
+        }[k]()
+
+    def want(self, tensors: dict) -> str:
+        k = self.kind
+        if isinstance(k, tuple):
+            return f"one of {list(k)}"
+        if k == "number":
+            rng = (f" in [{self.lo:g}, {self.hi:g}]" if self.lo is not None and self.hi is not None else
+                   f" ≥ {self.lo:g}" if self.lo is not None else f" ≤ {self.hi:g}" if self.hi is not None else "")
+            return ("an integer" if self.integer else "a finite number") + rng
+        return {"selector": SELECTOR_HELP, "tensor": f"the name of a tensor in the sidecar ({sorted(tensors)})",
+                "layers": "'all' or a list of ints ≥ 0", "heads": "'all' or a list of ints ≥ 0",
+                "ints": "a list of ints ≥ 0", "bool": "true or false", "str": "a string",
+                "distance": f"{{'fn': one of {DISTANCE_FNS}, 'scale': a number in [-{MAX_GAIN:g}, {MAX_GAIN:g}], "
+                            f"'d0': a number in (0, {MAX_BIAS:g}]}}"}[k]
+
+
+def _num(lo=None, hi=None, required=False, integer=False) -> Field:
+    return Field("number", required, lo, hi, integer)
+
+
+SEL, OPT_SEL = Field("selector"), Field("selector")
+COMMON = {"op": Field("str", True), "layers": Field("layers", True), "heads": Field("heads"), "steps": Field("ints"),
+          "note": Field("str")}
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def _is_ints(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+
+def _is_selector(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return abs(v) < 2**31
+    if isinstance(v, str):
+        return bool(v.strip())
+    return isinstance(v, list) and all(_is_selector(x) and not isinstance(x, list) for x in v)
+
+
+def _is_distance(v) -> bool:
+    if not isinstance(v, dict) or v.get("fn") not in DISTANCE_FNS or not set(v) <= {"fn", "scale", "d0"}:
+        return False
+    scale, d0 = v.get("scale", 1.0), v.get("d0", 1.0)
+    return _is_num(scale) and abs(scale) <= MAX_GAIN and _is_num(d0) and 0 < d0 <= MAX_BIAS
+
+
+def uses_sink(e: dict) -> bool:
+    sels = [e.get(k) for k in ("queries", "keys", "redistribute_to", "positions", "segment", "bridge", "source")]
+    return any(v == "sink" or (isinstance(v, list) and "sink" in v) for v in sels)
+
+
+def _edit_layers(e: dict, n_layers: int | None) -> int | None:
+    """How many layers an edit covers (None: 'all' before the model is known)."""
+    return (n_layers if e["layers"] == "all" else len(e["layers"]))
+
+
+# ------------------------------------------------------------------------------------------- ops
+class Op:
+    """One op: schema, engine need, neutral value, application. Subclasses set the class attributes and
+    override what they use; the ``hook`` handed to the apply methods is the compiled spec (selectors, head
+    masks, sidecar tensors)."""
+
+    name = ""
+    fields: dict[str, Field] = {}
+    need = "bias"  # bias | logits | weights | z | resid
+    on_heads = True  # False: acts on the residual stream ('heads' is refused)
+    default_queries = "all"
+    # sidecar tensor: allowed ranks (the shape per rank is checked against the model in check()), |max| value
+    tensor_ranks: tuple[int, ...] = ()
+    tensor_max = MAX_ACT
+
+    def kind(self, e: dict) -> str:
+        return self.need
+
+    def neutral(self, e: dict) -> bool:
+        """True when the edit is the identity at its parameters (it is then not run)."""
+        return False
+
+    # validation -----------------------------------------------------------------------------
+    def validate(self, e: dict, path: str, tensors: dict) -> None:
+        """Cross-field rules and the sidecar tensor's rank and values (model-independent)."""
+        name = e.get("tensor")
+        if name is not None and self.tensor_ranks:
+            t = tensors[name]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise InterpError(f"spec.{path}.tensor: sidecar tensor {name!r} must be a floating-point tensor, got "
+                                  f"{getattr(t, 'dtype', type(t).__name__)}")
+            if t.dim() not in self.tensor_ranks:
+                raise InterpError(f"spec.{path}.tensor: sidecar tensor {name!r} has shape {list(t.shape)}; {self.name} "
+                                  f"takes {self.shape_help()}")
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                raise InterpError(f"spec.{path}.tensor: sidecar tensor {name!r} holds NaN or inf values")
+            if t.numel() and float(t.abs().max()) > self.tensor_max:
+                raise InterpError(f"spec.{path}.tensor: sidecar tensor {name!r} reaches |{float(t.abs().max()):.3g}|; "
+                                  f"values up to {self.tensor_max:g} are allowed (larger ones overflow float32)")
+
+    def check(self, e: dict, path: str, model, tensors: dict) -> None:
+        """Model-dependent rules: the sidecar tensor's shape."""
+        name = e.get("tensor")
+        if name is None or not self.tensor_ranks:
+            return
+        t = tensors[name]
+        want = self.shapes(e, model)
+        if not any(_shape_ok(t.shape, w) for w in want):
+            raise InterpError(f"spec.{path}.tensor: sidecar tensor {name!r} has shape {list(t.shape)}; on {model.name} "
+                              f"{self.name} takes {' or '.join(_fmt_shape(w) for w in want)} ({self.shape_help()})")
+
+    def shapes(self, e: dict, model) -> list[tuple]:
+        """Allowed shapes (None: any size) of the sidecar tensor on ``model``."""
+        return []
+
+    def shape_help(self) -> str:
+        return ""
+
+    # application --------------------------------------------------------------------------
+    def bias(self, hook, e: dict, b: int, call, layer: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_logits(self, hook, e: dict, z: torch.Tensor, call, layer: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_weights(self, hook, e: dict, w: torch.Tensor, call, layer: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_z(self, hook, e: dict, j: int, z: torch.Tensor, call, layer: int, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_resid(self, hook, e: dict, j: int, h: torch.Tensor, sel: torch.Tensor, off: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def site(self, e: dict) -> str:
+        return e.get("site", "resid_post")
+
+
+def _shape_ok(shape, want) -> bool:
+    return len(shape) == len(want) and all(w is None or s == w or (w == "1|b" and s >= 1) for s, w in zip(shape, want))
+
+
+def _fmt_shape(w) -> str:
+    return "[" + ", ".join("any" if x is None else "b|1" if x == "1|b" else str(x) for x in w) + "]"
+
+
+def _edge_bias(hook, e, b, call, layer, val) -> torch.Tensor:
+    """val on (selected query, selected key) pairs, 0 elsewhere: [b, q, k]."""
+    qsel = hook.qsel(e, b, call, layer)
+    ksel = hook.ksel(e.get("keys", "all"), b, call, layer)
+    return torch.where(qsel[:, :, None] & ksel[:, None, :], val, 0.0)
+
+
+class ScaleWeights(Op):
+    name = "attn.scale_weights"
+    fields = {"queries": SEL, "keys": Field("selector", True), "factor": _num(0, MAX_FACTOR, True),
+              "renormalize": Field("bool"), "redistribute_to": SEL}
+
+    def kind(self, e):
+        return "bias" if e.get("renormalize", True) and "redistribute_to" not in e else "weights"
+
+    def neutral(self, e):
+        return float(e["factor"]) == 1.0
+
+    def validate(self, e, path, tensors):
+        if "redistribute_to" in e and e["factor"] > 1:
+            raise InterpError(f"spec.{path}.factor: got {e['factor']!r}; expected ≤ 1 with redistribute_to")
+
+    def bias(self, hook, e, b, call, layer):
+        return _edge_bias(hook, e, b, call, layer, math.log(e["factor"]) if e["factor"] > 0 else BLOCK)
+
+    def on_weights(self, hook, e, w, call, layer):
+        # w'_qk = w_qk · m_qk with m = γ on K, (1 + gain_q) on R (ACT/VAR: the removed mass goes to R in
+        # proportion to its weights), 1 elsewhere; row sums come from GEMVs, not [b, h, q, k] temporaries
+        b = w.shape[0]
+        rows = hook.qsel(e, b, call, layer)[:, None, :, None] & hook.head_mask(e)[None, :, None, None]
+        ksel = hook.ksel(e["keys"], b, call, layer)[:, None, None, :]  # [b, 1, 1, k]
+        kidx = ksel[0, 0, 0].nonzero()[:, 0]
+        if e.get("redistribute_to") == "all" and len(kidx) <= 64 and (ksel == ksel[:1]).all():
+            return _scale_few_keys_redistribute_all(w, kidx, float(e["factor"]), rows)
+        colk = torch.where(ksel, float(e["factor"]), 1.0).to(w.dtype)
+        if "redistribute_to" in e:
+            rsel = hook.ksel(e["redistribute_to"], b, call, layer)[:, None, None, :] & ~ksel
+            rf = rsel.to(w.dtype)
+            removed = torch.matmul(w, (1 - colk).transpose(-1, -2))  # [b, h, q, 1]
+            mass_r = torch.matmul(w, rf.transpose(-1, -2))
+            rows = rows & (mass_r > 0)  # nothing to receive the mass: the row is kept
+            gain = torch.where(rows, removed / mass_r.clamp_min(1e-30), 0.0)
+            scaled = w * torch.addcmul(colk, rf, gain)
+        else:
+            scaled = w * colk
+        return scaled if rows.all() else torch.where(rows, scaled, w)
+
+
+def _scale_few_keys_redistribute_all(w: torch.Tensor, kidx: torch.Tensor, factor: float,
+                                     rows: torch.Tensor) -> torch.Tensor:
+    """ACT with R = every other key, for a few keys K (the common case): w'_K = γ w_K and
+    w'_k = (1 + gain_q) w_k elsewhere, gain_q = (1 − γ) p_K / (1 − p_K) — one pass over w."""
+    wk = w.index_select(-1, kidx)  # [b, h, q, |K|]
+    p_k = wk.sum(-1, keepdim=True)
+    mass_r = 1 - p_k  # rows are stochastic (every edit keeps them so): Σ over the other keys without a pass over w
+    ok = rows & (mass_r > 4 * torch.finfo(w.dtype).eps)  # nothing (beyond rounding) to receive the mass: row kept
+    gain = torch.where(ok, (1 - factor) * p_k / mass_r.clamp_min(1e-30), 0.0)
+    out = w * (1 + gain)
+    return out.index_copy_(-1, kidx, torch.where(ok, wk * factor, wk))
+
+
+class AddLogitBias(Op):
+    name = "attn.add_logit_bias"
+    fields = {"queries": SEL, "keys": SEL, "bias": _num(-MAX_BIAS, MAX_BIAS), "distance": Field("distance"),
+              "tensor": Field("tensor")}
+    tensor_ranks, tensor_max = (2, 3), MAX_BIAS
+
+    def neutral(self, e):
+        return ("bias" in e and float(e["bias"]) == 0.0) or ("distance" in e and float(e["distance"].get("scale", 1.0)) == 0.0)
+
+    def validate(self, e, path, tensors):
+        if sum(x in e for x in ("bias", "distance", "tensor")) != 1:
+            raise InterpError(f"spec.{path}: attn.add_logit_bias needs exactly one of bias, distance, tensor")
+        super().validate(e, path, tensors)
+
+    def shapes(self, e, model):
+        return [(None, None), (1, None, None), (model.n_heads, None, None)]
+
+    def shape_help(self):
+        return "[query, key] or [n_heads | 1, query, key] (positions from 0)"
+
+    def bias(self, hook, e, b, call, layer):
+        qsel = hook.qsel(e, b, call, layer)
+        if "distance" in e:
+            d = e["distance"]
+            dist = (call.q_positions[:, None].float() - call.k_positions[None, :].float()).abs() / float(d.get("d0", 1.0))
+            g = {"log1p": torch.log1p(dist), "linear": dist, "constant": torch.ones_like(dist)}[d["fn"]]
+            ksel = hook.ksel(e.get("keys", "all"), b, call, layer)
+            return torch.where(qsel[:, :, None] & ksel[:, None, :], float(d.get("scale", 1.0)) * g[None], 0.0)
+        if "tensor" in e:
+            t = hook.spec.tensors[e["tensor"]].float()
+            q1, k1 = call.q_start + call.q_len, call.k_start + call.k_len
+            if t.shape[-2] < q1 or t.shape[-1] < k1:
+                raise InterpError(f"attn.add_logit_bias tensor {e['tensor']!r} covers {t.shape[-2]} queries × "
+                                  f"{t.shape[-1]} keys, but this run reaches query {q1 - 1} and key {k1 - 1}")
+            t = t[..., call.q_start:q1, call.k_start:k1]
+            bias = (t if t.dim() == 3 else t[None]).expand(hook.n_heads, -1, -1)[None] * qsel[:, None, :, None]
+            return bias.expand(b, -1, -1, -1)
+        return _edge_bias(hook, e, b, call, layer, float(e["bias"]))
+
+
+class ReplacePattern(Op):
+    name = "attn.replace_pattern"
+    fields = {"queries": SEL, "mode": Field(("local_window", "copy_head"), True), "window": _num(0, 2**31),
+              "keep_sink": Field("bool"), "source_head": _num(0, 2**31, integer=True)}
+
+    def kind(self, e):
+        return "bias" if e["mode"] == "local_window" else "weights"
+
+    def neutral(self, e):
+        return e["mode"] == "copy_head" and e.get("heads") == [e.get("source_head")]
+
+    def validate(self, e, path, tensors):
+        need = "window" if e["mode"] == "local_window" else "source_head"
+        if need not in e:
+            raise InterpError(f"spec.{path}.{need}: required for mode {e['mode']!r}")
+
+    def check(self, e, path, model, tensors):
+        if e.get("source_head") is not None and not 0 <= int(e["source_head"]) < model.n_heads:
+            raise InterpError(f"spec.{path}.source_head: out of range (0..{model.n_heads - 1})")
+
+    def bias(self, hook, e, b, call, layer):  # local window: z'_{qk} = −∞ for k ≤ q − w (key 0 kept if keep_sink)
+        qsel = hook.qsel(e, b, call, layer)
+        far = call.k_positions[None, :] <= call.q_positions[:, None] - float(e["window"])
+        if e.get("keep_sink", True) and call.k_start == 0:
+            far[:, 0] = False
+        return torch.where(qsel[:, :, None] & far[None], BLOCK, 0.0)
+
+    def on_weights(self, hook, e, w, call, layer):  # copy_head: A'^h = A^{h*}
+        rows = hook.qsel(e, w.shape[0], call, layer)[:, None, :, None] & hook.head_mask(e)[None, :, None, None]
+        src = w[:, int(e["source_head"])][:, None].expand_as(w)
+        return torch.where(rows, src, w)
+
+
+class Knockout(Op):
+    name = "attn.knockout"
+    fields = {"queries": Field("selector", True), "keys": Field("selector", True)}
+
+    def neutral(self, e):
+        return e["keys"] in ("none", []) or e["queries"] in ("none", [])
+
+    def bias(self, hook, e, b, call, layer):
+        return _edge_bias(hook, e, b, call, layer, BLOCK)
+
+
+class HeadScale(Op):
+    name = "attn.head_scale"
+    fields = {"queries": SEL, "factor": _num(-MAX_GAIN, MAX_GAIN, True)}
+    need = "z"
+
+    def neutral(self, e):
+        return float(e["factor"]) == 1.0
+
+    def on_z(self, hook, e, j, z, call, layer, v):
+        return torch.where(hook.z_where(e, z, call, layer), z * float(e["factor"]), z)
+
+
+class HeadAblate(Op):
+    name = "attn.head_ablate"
+    fields = {"queries": SEL, "mode": Field(("zero", "mean")), "tensor": Field("tensor")}
+    need = "z"
+    tensor_ranks = (2, 3)
+
+    def validate(self, e, path, tensors):
+        mode = e.get("mode", "zero")
+        if mode == "mean" and "tensor" not in e:
+            raise InterpError(f"spec.{path}.tensor: mode 'mean' needs the per-head mean of z over a reference set "
+                              "([n_heads, head_dim], or [layers, n_heads, head_dim] with one row per layer of the "
+                              "edit); compute it with interp.ops.mean_z(model, reference_prompts, layers) or build "
+                              "the edit with interp.ops.head_ablate(..., mode='mean', reference=(model, prompts))")
+        if mode == "zero" and "tensor" in e:
+            raise InterpError(f"spec.{path}.tensor: mode 'zero' takes no tensor (did you mean mode 'mean'?)")
+        super().validate(e, path, tensors)
+
+    def shapes(self, e, model):
+        return [(model.n_heads, model.head_dim), (_edit_layers(e, model.n_layers), model.n_heads, model.head_dim)]
+
+    def shape_help(self):
+        return "[n_heads, head_dim] or [layers of the edit, n_heads, head_dim]"
+
+    def on_z(self, hook, e, j, z, call, layer, v):
+        if e.get("mode", "zero") == "zero":
+            repl = torch.zeros_like(z)
+        else:  # the mean over a reference set, from the sidecar
+            t = hook.spec.tensors[e["tensor"]].to(z.dtype)
+            repl = (t[j] if t.dim() == 3 else t)[None, None].expand_as(z)
+        return torch.where(hook.z_where(e, z, call, layer), repl, z)
+
+
+class ResidAdd(Op):
+    name = "resid.add"
+    fields = {"positions": SEL, "site": Field(("resid_pre", "resid_post")), "tensor": Field("tensor", True),
+              "scale": _num(-MAX_GAIN, MAX_GAIN)}
+    need, on_heads, tensor_ranks = "resid", False, (1, 2)
+
+    def neutral(self, e):
+        return float(e.get("scale", 1.0)) == 0.0
+
+    def shapes(self, e, model):
+        return [(model.d_model,), (_edit_layers(e, model.n_layers), model.d_model)]
+
+    def shape_help(self):
+        return "[d_model] or [layers of the edit, d_model]"
+
+    def on_resid(self, hook, e, j, h, sel, off):
+        t = hook.spec.tensors[e["tensor"]].to(h.dtype)
+        vec = t[j] if t.dim() == 2 else t
+        return h + float(e.get("scale", 1.0)) * vec * sel[..., None].to(h.dtype)
+
+
+class SuppressDims(Op):
+    name = "resid.suppress_dims"
+    fields = {"positions": SEL, "site": Field(("resid_pre", "resid_post")), "dims": Field("ints", True),
+              "mode": Field(("zero", "mean", "clamp")), "value": _num(),
+              "tensor": Field("tensor")}
+    need, on_heads, tensor_ranks = "resid", False, (1, 2)
+
+    def validate(self, e, path, tensors):
+        mode = e.get("mode", "zero")
+        if mode == "mean" and "tensor" not in e and "value" not in e:
+            raise InterpError(f"spec.{path}: resid.suppress_dims mode 'mean' needs 'tensor' (per-dim means) or 'value'")
+        if mode == "mean" and "value" in e and abs(e["value"]) > MAX_ACT:
+            raise InterpError(f"spec.{path}.value: got {e['value']!r}; mode 'mean' writes it into the residual "
+                              f"stream: expected a number in [-{MAX_ACT:g}, {MAX_ACT:g}]")
+        if mode == "clamp" and e.get("value", 0.0) < 0:
+            raise InterpError(f"spec.{path}.value: got {e['value']!r}; mode 'clamp' needs a bound ≥ 0")
+        super().validate(e, path, tensors)
+
+    def check(self, e, path, model, tensors):
+        if e["dims"] and max(e["dims"]) >= model.d_model:
+            raise InterpError(f"spec.{path}.dims: out of range (0..{model.d_model - 1})")
+        super().check(e, path, model, tensors)
+
+    def shapes(self, e, model):
+        n = len(e["dims"])
+        return [(n,), (_edit_layers(e, model.n_layers), n)]
+
+    def shape_help(self):
+        return "[len(dims)] or [layers of the edit, len(dims)]"
+
+    def on_resid(self, hook, e, j, h, sel, off):
+        dims, d = e["dims"], h.shape[-1]
+        cols = torch.zeros(d, dtype=torch.bool)
+        cols[dims] = True
+        where = sel[..., None] & cols
+        mode = e.get("mode", "zero")
+        if mode == "zero":
+            return torch.where(where, torch.zeros_like(h), h)
+        if mode == "clamp":
+            lim = float(e.get("value", 0.0))
+            return torch.where(where, h.clamp(-lim, lim), h)
+        vals = torch.zeros(d, dtype=h.dtype)
+        if "tensor" in e:
+            t = hook.spec.tensors[e["tensor"]].to(h.dtype)
+            vals[dims] = t[j] if t.dim() == 2 else t
+        else:
+            vals[dims] = float(e["value"])
+        return torch.where(where, vals.expand_as(h), h)
+
+
+class Patch(Op):
+    name = "patch"
+    fields = {"site": Field(("resid_pre", "resid_post", "attn.out", "mlp.out", "attn.z"), True), "positions": SEL,
+              "tensor": Field("tensor", True)}
+    on_heads, tensor_ranks = False, (3, 4, 5)
+
+    def kind(self, e):
+        return "z" if e["site"] == "attn.z" else "resid"
+
+    def validate(self, e, path, tensors):
+        super().validate(e, path, tensors)
+        rank = tensors[e["tensor"]].dim()
+        if rank not in ((4, 5) if e["site"] == "attn.z" else (3, 4)):
+            raise InterpError(f"spec.{path}.tensor: a {e['site']} source has shape {self._help(e['site'])}, "
+                              f"got rank {rank}")
+
+    @staticmethod
+    def _help(site):
+        return ("[b|1, T, n_heads, head_dim] or [layers of the edit, b|1, T, n_heads, head_dim]" if site == "attn.z"
+                else "[b|1, T, d_model] or [layers of the edit, b|1, T, d_model]")
+
+    def shapes(self, e, model):
+        L = _edit_layers(e, model.n_layers)
+        if e["site"] == "attn.z":
+            return [("1|b", None, model.n_heads, model.head_dim), (L, "1|b", None, model.n_heads, model.head_dim)]
+        return [("1|b", None, model.d_model), (L, "1|b", None, model.d_model)]
+
+    def shape_help(self):
+        return "a saved activation of the site (see interp.capture)"
+
+    def on_z(self, hook, e, j, z, call, layer, v):
+        src = hook.spec.tensors[e["tensor"]].to(z.dtype)
+        src = src[j] if src.dim() == 5 else src
+        _check_len(src.shape[1], call.q_start + call.q_len)
+        src = src[:, call.q_start:call.q_start + call.q_len]
+        return torch.where(hook.z_where(e, z, call, layer, key="positions"), src.expand_as(z), z)
+
+    def on_resid(self, hook, e, j, h, sel, off):
+        src = hook.spec.tensors[e["tensor"]].to(h.dtype)
+        src = src[j] if src.dim() == 4 else src
+        _check_len(src.shape[1], off + h.shape[1])
+        return torch.where(sel[..., None], src[:, off:off + h.shape[1]].expand_as(h), h)
+
+
+def _check_len(have: int, need: int) -> None:
+    if have < need:
+        raise InterpError(f"patch source has {have} positions but the run reaches position {need - 1}: "
+                          "patch runs of the same length")
+
+
+class OEB(Op):
+    name = "attn.oeb"
+    fields = {"queries": SEL, "segment": Field("selector", True), "bridge": Field("selector", True),
+              "tau_max": _num(0, 1)}
+    need, default_queries = "logits", "last"  # τ_max = 0 leaves every row as it is, but on the eager path
+
+    def on_logits(self, hook, e, z, call, layer):
+        """The KL projection of each selected row onto p(B) = τ_B with p(O) fixed (METHODS §4b)."""
+        b, n = z.shape[0], hook.engine.batch_len
+        qsel = hook.qsel(e, b, call, layer)
+        bsel = hook.ksel(e["bridge"], b, call, layer)
+        ssel = hook.ksel(e["segment"], b, call, layer)
+        gen = n - call.k_start
+        if 0 < n and gen < call.k_len:  # tokens generated after the prompt belong to the current segment
+            ssel[:, max(0, gen):] = True
+        vis = z > BLOCK / 2  # masked or knocked-out keys are not counted
+        B = bsel[:, None, None, :] & vis
+        S = ssel[:, None, None, :] & ~bsel[:, None, None, :] & vis
+        p = torch.softmax(z.float(), -1)
+        pB, pS = (p * B).sum(-1, keepdim=True), (p * S).sum(-1, keepdim=True)
+        nB, nS = B.sum(-1, keepdim=True).float(), S.sum(-1, keepdim=True).float()
+        tau_b = torch.sqrt(nB / (nB + nS).clamp_min(1)).clamp(max=float(e.get("tau_max", 0.15)))
+        tau_s = pB + pS - tau_b  # = 1 − p(O) − τ_B
+        rows = qsel[:, None, :, None] & hook.head_mask(e)[None, :, None, None]
+        active = rows & (pB < tau_b) & (pB > 0) & (pS > 0) & (tau_s > 0)
+        lam_b = torch.log(tau_b / pB.clamp_min(1e-38))
+        lam_s = torch.log(tau_s.clamp_min(1e-38) / pS.clamp_min(1e-38))
+        shift = torch.where(B, lam_b, 0.0) + torch.where(S, lam_s, 0.0)
+        return torch.where(active, z + shift.to(z.dtype), z)
+
+
+class SMI(Op):
+    name = "attn.smi"
+    fields = {"queries": SEL, "source": Field("selector", True), "scale": _num(-MAX_GAIN, MAX_GAIN)}
+    need, default_queries = "z", "last"
+
+    def neutral(self, e):
+        return float(e.get("scale", 0.06)) == 0.0
+
+    def on_z(self, hook, e, j, z, call, layer, v):  # z'[t] = z[t] + s · mean_{j∈source} V[j], v [b, h, k, d]
+        src = hook.ksel(e["source"], z.shape[0], call, layer).to(v.dtype)
+        mean_v = torch.einsum("bk,bhkd->bhd", src, v) / src.sum(1).clamp_min(1)[:, None, None]
+        return torch.where(hook.z_where(e, z, call, layer), z + float(e.get("scale", 0.06)) * mean_v[:, None].to(z.dtype), z)
+
+
+class Amplify(Op):
+    name = "attn.amplify"
+    fields = {"queries": SEL, "keys": Field("selector", True), "alpha": _num(-MAX_GAIN, MAX_GAIN, True)}
+    need, default_queries = "logits", "last"
+
+    def neutral(self, e):
+        return float(e["alpha"]) == 0.0
+
+    def on_logits(self, hook, e, z, call, layer):
+        """PAI (Liu et al., ECCV'24): z'_{qk} = z_{qk} + α·|z_{qk}| for k ∈ keys, on the selected query rows."""
+        b = z.shape[0]
+        qsel = hook.qsel(e, b, call, layer)
+        ksel = hook.ksel(e["keys"], b, call, layer)[:, :z.shape[-1]]
+        where = qsel[:, None, :, None] & ksel[:, None, None, :] & hook.head_mask(e)[None, :, None, None]
+        return torch.where(where, z + float(e["alpha"]) * z.abs(), z)
+
+
+OPS: dict[str, Op] = {op.name: op for op in (ScaleWeights(), AddLogitBias(), ReplacePattern(), Knockout(),
+                                             HeadScale(), HeadAblate(), ResidAdd(), SuppressDims(), Patch(),
+                                             OEB(), SMI(), Amplify())}
+
+
+def op_of(e: dict) -> Op:
+    return OPS[e["op"]]
+
+
+# ------------------------------------------------------------------------------------------- builders
+class Edit(dict):
+    """One edit of a Spec (a plain dict of its fields), with the sidecar tensors it refers to (``.tensors``);
+    ``Spec.for_model`` collects them."""
+
+    def __init__(self, *args, tensors: dict | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.tensors: dict[str, torch.Tensor] = dict(tensors or {})
+
+
+Layers = Sequence[int] | str
+Heads = Sequence[int] | str
+Selector = str | int | Sequence[str | int]
+
+
+def _tensor_name(op: str, t: torch.Tensor) -> str:
+    t = t.detach().contiguous().cpu()
+    digest = hashlib.sha256(str((t.dtype, tuple(t.shape))).encode() + t.numpy().tobytes()).hexdigest()[:12]
+    return f"{op}.{digest}"
+
+
+def _edit(op: str, layers: Layers, heads: Heads | None = None, **fields) -> Edit:
+    e = Edit(op=op, layers=layers if layers == "all" else [int(l) for l in layers])
+    if heads is not None and heads != "all":
+        e["heads"] = [int(h) for h in heads]
+    for k, v in fields.items():
+        if v is None:
+            continue
+        if isinstance(v, torch.Tensor):
+            name = _tensor_name(op, v)
+            e.tensors[name] = v.detach().float().cpu()
+            v = name
+        elif isinstance(v, tuple):
+            v = list(v)
+        e[k] = v
+    return e
+
+
+def scale_weights(layers: Layers, keys: Selector, factor: float, *, heads: Heads = "all", queries: Selector = "all",
+                  renormalize: bool = True, redistribute_to: Selector | None = None) -> Edit:
+    """attn.scale_weights: A' = normalise(A ⊙ γ^{1[k∈K]}) (or redistribute the removed mass to R)."""
+    return _edit("attn.scale_weights", layers, heads, queries=queries, keys=keys, factor=factor,
+                 renormalize=None if renormalize else False, redistribute_to=redistribute_to)
+
+
+def add_logit_bias(layers: Layers, *, heads: Heads = "all", queries: Selector = "all", keys: Selector = "all",
+                   bias: float | None = None, distance: dict | None = None, tensor: torch.Tensor | str | None = None) -> Edit:
+    """attn.add_logit_bias: z' = z + B (a constant, a distance function, or a [q, k] / [h, q, k] tensor)."""
+    return _edit("attn.add_logit_bias", layers, heads, queries=queries, keys=keys, bias=bias, distance=distance,
+                 tensor=tensor)
+
+
+def replace_pattern(layers: Layers, mode: str, *, heads: Heads = "all", queries: Selector = "all",
+                    window: int | None = None, keep_sink: bool | None = None, source_head: int | None = None) -> Edit:
+    """attn.replace_pattern: a local window (z' = −∞ for k ≤ q − w) or another head's pattern."""
+    return _edit("attn.replace_pattern", layers, heads, queries=queries, mode=mode, window=window,
+                 keep_sink=keep_sink, source_head=source_head)
+
+
+def knockout(layers: Layers, queries: Selector, keys: Selector, *, heads: Heads = "all") -> Edit:
+    """attn.knockout: z'_{qk} = −∞ for q ∈ queries, k ∈ keys."""
+    return _edit("attn.knockout", layers, heads, queries=queries, keys=keys)
+
+
+def head_scale(layers: Layers, factor: float, *, heads: Heads = "all", queries: Selector = "all") -> Edit:
+    """attn.head_scale: O'^h = α O^h."""
+    return _edit("attn.head_scale", layers, heads, queries=queries, factor=factor)
+
+
+def head_ablate(layers: Layers, *, heads: Heads = "all", mode: str = "zero", queries: Selector = "all",
+                tensor: torch.Tensor | str | None = None, reference: tuple | None = None) -> Edit:
+    """attn.head_ablate: O'^h = 0, or (mode 'mean') the head's mean output over a reference set: pass it as
+    ``tensor`` ([n_heads, head_dim] or [layers, n_heads, head_dim]) or as ``reference=(model, prompts)``."""
+    if reference is not None:
+        if mode != "mean" or tensor is not None:
+            raise InterpError("head_ablate: reference= computes the mean for mode='mean'; pass it without tensor=")
+        model, prompts = reference
+        tensor = mean_z(model, prompts, list(range(model.n_layers)) if layers == "all" else list(layers))
+    return _edit("attn.head_ablate", layers, heads, queries=queries, mode=mode, tensor=tensor)
+
+
+def resid_add(layers: Layers, tensor: torch.Tensor | str, *, positions: Selector = "all", site: str = "resid_post",
+              scale: float = 1.0) -> Edit:
+    """resid.add: h'_t = h_t + s·v."""
+    return _edit("resid.add", layers, None, positions=positions, site=site, tensor=tensor, scale=scale)
+
+
+def suppress_dims(layers: Layers, dims: Sequence[int], *, positions: Selector = "all", site: str = "resid_post",
+                  mode: str = "zero", value: float | None = None, tensor: torch.Tensor | str | None = None) -> Edit:
+    """resid.suppress_dims: h'_{t,c} = 0 | a mean | clamp(h, −v, v) for c ∈ dims."""
+    return _edit("resid.suppress_dims", layers, None, positions=positions, site=site, dims=[int(d) for d in dims],
+                 mode=mode, value=value, tensor=tensor)
+
+
+def patch_site(layers: Layers, site: str, tensor: torch.Tensor | str, *, positions: Selector = "all") -> Edit:
+    """patch: x'_t = x^{src}_t at a site (activation patching from a saved Trace)."""
+    return _edit("patch", layers, None, site=site, positions=positions, tensor=tensor)
+
+
+def oeb(layers: Layers, segment: Selector, bridge: Selector, *, heads: Heads = "all", queries: Selector = "last",
+        tau_max: float = 0.15) -> Edit:
+    """attn.oeb: Step-Saliency's odds-equal bridge (METHODS §4b)."""
+    return _edit("attn.oeb", layers, heads, queries=queries, segment=segment, bridge=bridge, tau_max=tau_max)
+
+
+def smi(layers: Layers, source: Selector, *, heads: Heads = "all", queries: Selector = "last",
+        scale: float = 0.06) -> Edit:
+    """attn.smi: O'^h[t] = O^h[t] + s · mean_{j∈source} V^h[j]."""
+    return _edit("attn.smi", layers, heads, queries=queries, source=source, scale=scale)
+
+
+def amplify(layers: Layers, keys: Selector, alpha: float, *, heads: Heads = "all", queries: Selector = "last") -> Edit:
+    """attn.amplify (PAI): z'_{qk} = z_{qk} + α|z_{qk}| on the keys."""
+    return _edit("attn.amplify", layers, heads, queries=queries, keys=keys, alpha=alpha)
+
+
+@torch.no_grad()
+def mean_z(model, prompts, layers: Sequence[int]) -> torch.Tensor:
+    """[len(layers), n_heads, head_dim]: each head's output z (before the output projection) averaged over every
+    real token of the reference ``prompts`` — the value mean-ablation writes."""
+    from .capture import capture
+    layers = [int(l) for l in layers]
+    if not layers:
+        raise InterpError("mean_z: no layers given")
+    tr = capture(model, prompts, sites=[f"blocks.{l}.attn.z" for l in layers])
+    w = tr.attention_mask.to(torch.float64)[:, :, None, None]  # [b, T, 1, 1]
+    n = w.sum()
+    if n == 0:
+        raise InterpError("mean_z: the reference prompts have no tokens")
+    return torch.stack([(tr[f"blocks.{l}.attn.z"].double() * w).sum((0, 1)) / n for l in layers]).float()
