@@ -19,12 +19,40 @@ import pandas as pd
 import torch
 
 import interp
+from interp.analysis import Analysis
 from interp.finding import Finding, digest
 from interp.prompts import paragraphs
+from viz import interactive as _interactive
+from viz import static as _static
 
 
-def secondary_sinks(model: interp.Model, prompts: list[str] | None = None, *, cos_threshold: float = 0.9,
-                    margin: int = 15, min_lifetime: int = 4, max_tokens: int = 128) -> Finding:
+class SecondarySinks(Analysis):
+    """BOS, BOS-like and secondary sink tokens with their lifetime and creation layer (Wong et al.)."""
+
+    name = "probes.secondary_sinks"
+    title = "Secondary attention sinks"
+    takes_prompts = True
+    figures = (_static.secondary_sinks, _interactive.secondary_sinks)
+
+    def run(self, model: interp.Model, prompts: list[str] | None = None, *, cos_threshold: float = 0.9,
+            margin: int = 15, min_lifetime: int = 4, max_tokens: int = 128) -> Finding:
+        """Classify every position that lines up with the BOS hidden state in the clipped layer window."""
+        return _secondary_sinks(model, prompts, cos_threshold, margin, min_lifetime, max_tokens)
+
+    def explain(self, finding: Finding) -> str:
+        m = finding.metrics
+        life = m["bos_lifetime"]
+        s = (f"The first-token sink stays aligned for {min(life)}–{max(life)} layers" if life and min(life) != max(life)
+             else f"The first-token sink stays aligned for {life[0]} layers" if life else "No first-token sink is found")
+        if not m["n_secondary"]:
+            return s + f" and no secondary sink appears in {m['n_prompts']} prompts."
+        toks = ", ".join(repr(t) for t in m["secondary_tokens"][:5])
+        return (s + f"; {m['n_secondary']} secondary sinks appear in {m['n_prompts']} prompts (tokens {toks}), "
+                f"written by an MLP whose output has cosine {m['mean_mlp_cos_secondary']:.2f} with the BOS state.")
+
+
+def _secondary_sinks(model: interp.Model, prompts: list[str] | None, cos_threshold: float, margin: int,
+                     min_lifetime: int, max_tokens: int) -> Finding:
     prompts = prompts or paragraphs()[:6]
     L = model.n_layers
     rows, clip = [], []
@@ -68,3 +96,6 @@ def secondary_sinks(model: interp.Model, prompts: list[str] | None = None, *, co
     return Finding("probes.secondary_sinks", table, {"cos_threshold": cos_threshold, "margin": margin,
                                                      "min_lifetime": min_lifetime}, model.identity(),
                    digest(prompts), metrics)
+
+
+secondary_sinks = SecondarySinks()

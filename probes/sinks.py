@@ -11,9 +11,18 @@ the metric runs at long context without materialising patterns. The control of t
 Table 1, one token repeated T times, is computed alongside: with RoPE every position then has the
 same hidden state and the sink disappears.
 
+The protocol is the paper's: plain text (``chat=True`` wraps each prompt in the chat template), each
+prompt cut to its first T tokens; prompts shorter than T are left out and the notes say how many.
+
 ``to_spec`` exports the heads where token 0 is a sink: ZeroTuning (Han et al., ICLR'26) scales the
-first-token attention by γ and renormalises (≡ a log γ logit bias); ACT (Yu et al., ICML'24) scales
-non-initial sink columns by β and hands the removed mass to the other keys.
+first-token attention by γ and renormalises (≡ a log γ logit bias); ACT (Yu et al., ICML'24) keeps the
+initial sink, scales the attention to the other sinks of the running input by β and hands the removed
+mass to the other keys in proportion to their weights: a'_{t,k} = β a_{t,k} (k ∈ K),
+a'_{t,j} = a_{t,j} (1 + (1 − β) Σ_K a_t / Σ_{j∉K} a_t) otherwise. The sink set K is found at run time,
+in every layer, by the ``sink`` selector (φ = max_{c∈D} |x_c| / rms(x) > τ on the layer's input, D the
+sink dimensions calibrated on the probe prompts: the top-2 of median |RMSNorm(h)| at token 0 in the
+middle layer, METHODS §1d), minus position 0; the heads are the sink heads of the probe prompts (the
+calibration data). ACT's per-head check on a labelled calibration set is left to ``interp.evaluate``.
 """
 from __future__ import annotations
 
@@ -39,23 +48,41 @@ def _alpha(model, ids: torch.Tensor, batch_size: int, progress: bool) -> torch.T
     return torch.cat(out)
 
 
+def _sink_dims(model, ids: torch.Tensor, k: int = 2) -> list[int]:
+    """The ``k`` dims with the largest median |RMSNorm(h)| at token 0 of the middle layer's input (METHODS §1d)."""
+    mid = model.n_layers // 2
+    h = interp.capture(model, {"input_ids": ids}, sites=f"blocks.{mid}.resid_pre")[f"blocks.{mid}.resid_pre"]
+    h0 = h[:, 0].float()
+    h0 = h0 / torch.sqrt(h0.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return sorted(h0.abs().median(0).values.topk(k).indices.tolist())
+
+
 class Sinks(Analysis):
     """Sink importance α per (layer, head, key) and the sink rate, with the repeated-token control."""
 
     name = "probes.sinks"
     title = "Attention sinks"
     in_scan = True
+    takes_prompts = True
     figures = (_static.sinks, _interactive.sinks)
 
     def run(self, model: interp.Model, prompts: list[str] | None = None, *, epsilon: float = 0.3, T: int = 64,
-            chat: bool = True, batch_size: int = 4, progress: bool = True) -> Finding:
+            chat: bool = False, batch_size: int = 4, progress: bool = True) -> Finding:
         """Sink importance α per (layer, head, key) and the sink rate, with the repeated-token control."""
-        prompts = prompts or paragraphs()
+        prompts = list(prompts or paragraphs())
+        notes = []
+        if chat and not getattr(model.tokenizer, "chat_template", None):
+            chat = False
+            notes.append("the tokenizer has no chat template: the prompts were read as plain text")
         batch = model.encode([[{"role": "user", "content": p}] for p in prompts] if chat else prompts)
-        short = [n for n in batch.lengths if n < T]
-        if short:
-            raise interp.InterpError(f"{len(short)} prompt(s) have fewer than T={T} tokens; give longer prompts or lower T")
-        ids = batch.input_ids[:, :T]
+        keep = [i for i, n in enumerate(batch.lengths) if n >= T]
+        if not keep:
+            raise interp.InterpError(f"none of the {len(prompts)} prompt(s) has T={T} tokens (longest: "
+                                     f"{max(batch.lengths)}): give longer prompts or lower T")
+        if len(keep) < len(prompts):
+            notes.append(f"{len(prompts) - len(keep)} of {len(prompts)} prompts have fewer than T={T} tokens and "
+                         "were left out")
+        ids = batch.input_ids[keep, :T]
         alpha = _alpha(model, ids, batch_size, progress)  # [n, L, H, T]
         rep = ids[:, -1:].repeat(1, T)  # one token, repeated
         alpha_rep = _alpha(model, rep, batch_size, False)
@@ -69,51 +96,52 @@ class Sinks(Analysis):
                               "is_sink": (score > epsilon).reshape(-1).numpy()})
         rate = sink.float().mean((0, 1, 2)) * 100  # Sink_k for every k
         metrics = {
-            "epsilon": epsilon, "T": T, "n_prompts": len(prompts),
+            "epsilon": epsilon, "T": T, "n_prompts": len(keep), "chat": chat,
             "sink_rate_token0": float(rate[0]),
             "sink_rate_token0_layers_ge2": float(sink[:, 2:, :, 0].float().mean() * 100),
             "sink_rate_token0_repeated": float((alpha_rep[..., 0] > epsilon).float().mean() * 100),
             "sink_rate_token1_to_7_max": float(rate[1:8].max()),
             "sink_rate_by_layer": [round(float(x), 1) for x in sink[..., 0].float().mean((0, 2)) * 100],
             "n_sink_heads": int((score > epsilon).sum()),
+            "sink_dims": _sink_dims(model, ids),
         }
-        return Finding("probes.sinks", table, {"epsilon": epsilon, "T": T, "chat": chat,
-                                               "tokens": batch.tokens[0][:T]},
+        return Finding(self.name, table, {"epsilon": epsilon, "T": T, "chat": chat,
+                                          "tokens": batch.tokens[keep[0]][:T]},
                        model.identity(), digest(ids), metrics,
-                       {"importance": alpha.mean(0), "sink_rate": rate, "importance_repeated": alpha_rep.mean(0)})
+                       {"importance": alpha.mean(0), "sink_rate": rate, "importance_repeated": alpha_rep.mean(0)},
+                       notes)
 
     def to_spec(self, finding: Finding, model: interp.Model, *, method: str = "zerotuning", gamma: float = 0.6,
-                beta: float = 0.4, theta: float = 0.1, layers: list[int] | None = None,
+                beta: float = 0.4, tau: float = 20.0, dims: list[int] | None = None, layers: list[int] | None = None,
                 max_heads: int | None = None) -> interp.Spec:
         """ZeroTuning: scale token-0 attention by γ (renormalised) in the sink heads.
-        ACT: in the sink heads, scale keys that are non-initial sinks (α_k > θ, k > 0) by β and give the
-        removed mass to the other keys (row sums preserved)."""
+        ACT: in the sink heads, scale the attention to the run-time sinks other than position 0 (φ > ``tau`` in
+        ``dims``, default the finding's calibrated sink dims) by β and give the removed mass to the other keys
+        (row sums preserved)."""
         t = finding.table
         t = t[t.is_sink] if layers is None else t[t.is_sink & t.layer.isin(layers)]
         if max_heads is not None:
             t = t.sort_values("score", ascending=False).head(max_heads)
         if t.empty:
             raise interp.InterpError("no sink heads selected: lower epsilon or widen layers")
-        edits = []
+        sink = None
         if method == "zerotuning":
-            for l, g in t.groupby("layer"):
-                edits.append({"op": "attn.scale_weights", "layers": [int(l)], "heads": sorted(map(int, g["head"])),
-                              "keys": "role:bos", "factor": gamma, "renormalize": True})
+            edits = [{"op": "attn.scale_weights", "layers": [int(l)], "heads": sorted(map(int, g["head"])),
+                      "keys": "role:bos", "factor": gamma, "renormalize": True} for l, g in t.groupby("layer")]
             params = {"gamma": gamma}
         elif method == "act":
-            imp = finding.arrays["importance"]  # [L, H, T]
-            for l, g in t.groupby("layer"):
-                heads = sorted(map(int, g["head"]))
-                keys = sorted({int(k) for h in heads for k in torch.nonzero(imp[int(l), h, 1:] > theta)[:, 0] + 1})
-                if keys:
-                    edits.append({"op": "attn.scale_weights", "layers": [int(l)], "heads": heads, "queries": "all",
-                                  "keys": keys, "factor": beta, "redistribute_to": "all"})
-            if not edits:
-                raise interp.InterpError(f"no non-initial sinks with α > θ={theta} in the sink heads: nothing for ACT to do")
-            params = {"beta": beta, "theta": theta}
+            dims = dims if dims is not None else finding.metrics.get("sink_dims")
+            if not dims:
+                raise interp.InterpError("ACT needs the sink dimensions: rerun the probe (it calibrates them) or "
+                                         "pass dims=[...]")
+            edits = [{"op": "attn.scale_weights", "layers": [int(l)], "heads": sorted(map(int, g["head"])),
+                      "queries": "all", "keys": "sink", "factor": beta, "redistribute_to": "all"}
+                     for l, g in t.groupby("layer")]
+            sink = {"dims": [int(d) for d in dims], "tau": float(tau), "skip_first": True}
+            params = {"beta": beta, "tau": tau}
         else:
             raise interp.InterpError(f"unknown method {method!r}: use 'zerotuning' or 'act'")
-        return interp.Spec.for_model(model, edits, analysis="probes.sinks", prompts=finding.prompts,
+        return interp.Spec.for_model(model, edits, analysis=self.name, prompts=finding.prompts, sink=sink,
                                      params={**finding.params, "method": method, **params, "tokens": None})
 
     def explain(self, finding: Finding) -> str:

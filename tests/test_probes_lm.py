@@ -1,6 +1,7 @@
 """LM probes on the real SmolLM2, each checked against an independent computation."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,7 +9,7 @@ import interp
 from interp.prompts import facts, paragraphs
 from probes.entropy import entropy
 from probes.knockout import knockout
-from probes.massive import massive
+from probes.massive import find_massive, massive
 from probes.secondary_sinks import secondary_sinks
 from probes.sinks import sinks
 
@@ -20,56 +21,168 @@ def sink_finding(smol):
 
 def test_sink_metric_matches_hf_output_attentions(smol, sink_finding):
     f = sink_finding
-    assert f.metrics["sink_rate_token0_layers_ge2"] > 80.0
+    # the paper's protocol: plain text, T = 64; one built-in paragraph has 63 tokens and is left out, and says so
+    assert f.params["chat"] is False and f.metrics["n_prompts"] == len(paragraphs()) - 1
+    assert any("1 of 12 prompts have fewer than T=64 tokens" in n for n in f.notes)
+    assert f.metrics["sink_rate_token0_layers_ge2"] > 70.0
     assert f.metrics["sink_rate_token0_repeated"] < 5.0
+    assert f.metrics["sink_rate_token1_to_7_max"] < 5.0
     # independent computation from HF eager output_attentions on two of the prompts
     ref = copy.deepcopy(smol.hf)
     ref.set_attn_implementation("eager")
-    b = smol.encode([[{"role": "user", "content": p}] for p in paragraphs()[:2]])
+    b = smol.encode(paragraphs()[:2])
     with torch.no_grad():
         att = ref(input_ids=b.input_ids[:, :64], output_attentions=True).attentions
     A = torch.stack(att)  # [L, b, H, T, T]
     T = 64
     alpha = A.sum(3) / torch.arange(T, 0, -1).float()  # column sum / number of queries that see k
-    mine = sinks(smol, paragraphs()[:2], progress=False).arrays["importance"]
-    assert (alpha.mean(1) - mine).abs().max() <= 1e-5
+    mine = sinks(smol, paragraphs()[:2], progress=False)
+    assert (alpha.mean(1) - mine.arrays["importance"]).abs().max() <= 1e-5
     rate = (alpha[2:, ..., 0] > 0.3).float().mean() * 100
-    assert abs(rate - sinks(smol, paragraphs()[:2], progress=False).metrics["sink_rate_token0_layers_ge2"]) < 1e-4
+    assert abs(rate - mine.metrics["sink_rate_token0_layers_ge2"]) < 1e-4
+    assert mine.notes == []
 
 
-def test_sink_specs_replay(smol, sink_finding):
-    b = smol.encode("The capital of Italy is")
-    base = smol.logits(b)
-    for method in ("zerotuning", "act"):
-        spec = sink_finding.to_spec(model=smol, method=method)
-        with interp.patch(smol, spec):
-            assert not torch.equal(smol.logits(b), base)
-        assert torch.equal(smol.logits(b), base)
-    res = interp.evaluate(smol, sink_finding.to_spec(model=smol, gamma=0.6), "capitals", limit=40)
-    lo, hi = res.metrics["delta_ci"]
-    assert lo <= res.metrics["delta"] <= hi and res.metrics["n"] == 40
+def test_sinks_leave_out_short_prompts_or_refuse(smol):
+    long, short = paragraphs()[0], "A short prompt."
+    f = sinks(smol, [short, long], T=32, progress=False)
+    assert f.metrics["n_prompts"] == 1 and f.notes == ["1 of 2 prompts have fewer than T=32 tokens and were left out"]
+    assert torch.equal(f.arrays["importance"], sinks(smol, [long], T=32, progress=False).arrays["importance"])
+    with pytest.raises(interp.InterpError, match="none of the 2 prompt"):
+        sinks(smol, [short, short], T=32, progress=False)
+
+
+def test_sinks_chat_without_a_chat_template_falls_back_to_plain_text(smol):
+    plain = copy.copy(smol)  # same weights and engine, a tokenizer without a chat template
+    plain.tokenizer = copy.deepcopy(smol.tokenizer)
+    plain.tokenizer.chat_template = None
+    f = sinks(plain, paragraphs()[:1], T=16, chat=True, progress=False)
+    assert f.params["chat"] is False and "no chat template" in f.notes[0]
+    g = sinks(smol, paragraphs()[:1], T=16, progress=False)
+    assert torch.equal(f.arrays["importance"], g.arrays["importance"])
+    # with a template, chat=True reads the prompts through it (another token 0)
+    c = sinks(smol, paragraphs()[:1], T=16, chat=True, progress=False)
+    assert c.params["tokens"][0] != g.params["tokens"][0]
+
+
+def test_zerotuning_spec_scales_token0_and_renormalises(smol, sink_finding):
+    l0 = int(sink_finding.table[sink_finding.table.is_sink].layer.min())
+    spec = sink_finding.to_spec(model=smol, gamma=0.6, layers=[l0])
+    heads = spec.edits[0]["heads"]
+    x = "The capital of Italy is Rome, and the capital of France is"
+    site = f"blocks.{l0}.attn.pattern"
+    A = interp.capture(smol, x, sites=site)[site][0]  # [H, T, T]
+    with interp.patch(smol, spec):
+        got = interp.capture(smol, x, sites=site)[site][0]
+    want = A.clone()
+    w = A[heads].clone()
+    w[..., 0] *= 0.6
+    want[heads] = w / w.sum(-1, keepdim=True)  # ZeroTuning: γ on token 0, rows renormalised
+    assert (got - want).abs().max() <= 1e-5
+    assert (A[heads, 1:, 0] - got[heads, 1:, 0]).abs().min() > 0  # and it did change every row that sees token 0
+    # γ = 1 is the identity: logits bit-identical
+    b = smol.encode(x)
+    with interp.patch(smol, sink_finding.to_spec(model=smol, gamma=1.0)):
+        same = smol.logits(b)
+    assert torch.equal(same, smol.logits(b))
+
+
+def test_act_spec_scales_the_running_inputs_sinks(smol, sink_finding):
+    """ACT finds the sinks of the running input (not positions of the probe prompts): on a short prompt, the
+    attention to every sink except position 0 is scaled by β and the removed mass goes to the other keys."""
+    f = sink_finding
+    dims, tau, beta = f.metrics["sink_dims"], 20.0, 0.4
+    x = paragraphs()[0]
+    ids = smol.encode(x).input_ids[:, :24]
+    layers = sorted(f.table[f.table.is_sink].layer.unique().tolist())
+    tr = interp.capture(smol, {"input_ids": ids}, sites=[f"blocks.{l}.{s}" for l in layers
+                                                            for s in ("resid_pre", "attn.pattern")])
+    for l in layers:
+        h = tr[f"blocks.{l}.resid_pre"][0].float()
+        phi = (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))[:, dims].abs().amax(-1)
+        K = [k for k in torch.nonzero(phi > tau)[:, 0].tolist() if k > 0]
+        if K:
+            break
+    assert K, "no non-initial sink in this prompt"
+    spec = f.to_spec(model=smol, method="act", beta=beta, tau=tau, layers=[l])
+    assert spec.edits[0]["keys"] == "sink" and spec.sink["skip_first"]
+    heads = spec.edits[0]["heads"]
+    A = tr[f"blocks.{l}.attn.pattern"][0]
+    pK = A[heads][..., K].sum(-1, keepdim=True)
+    want = A.clone()
+    w = A[heads] * (1 + (1 - beta) * pK / (1 - pK))
+    w[..., K] = A[heads][..., K] * beta
+    want[heads] = w
+    site = f"blocks.{l}.attn.pattern"
+    with interp.patch(smol, spec):
+        got = interp.capture(smol, {"input_ids": ids}, sites=site)[site][0]
+    assert (got - want).abs().max() <= 1e-5
+    assert (got.sum(-1) - 1).abs().max() <= 1e-5
+    # position 0 is left alone by the selector: its weight only grows (by the redistributed mass)
+    assert (got[heads, :, 0] >= A[heads, :, 0]).all()
 
 
 def test_massive_activations_and_ablation(smol):
-    f = massive(smol, paragraphs()[:6])
+    f = massive(smol, paragraphs()[:3])
     m = f.metrics
     assert m["token0_is_massive"] and m["max_ratio"] >= 1000
-    hits0 = f.table[(f.table.token == 0) & (f.table.ratio >= 1000)]
-    assert hits0.prompt.nunique() >= 5
-    assert len(m["dims_in_every_prompt"]) >= 1  # the same dims in every prompt
+    assert m["first_layer"] == 11 and m["first_layer_tokens"] == [0]  # SmolLM2: after block 11, at token 0
+    assert 507 in m["dims_in_every_prompt"]
     # the reported values are the residual stream itself (HF hidden_states)
-    row = hits0.iloc[0]
-    b = smol.encode(paragraphs()[int(row.prompt)])
+    b = smol.encode(paragraphs()[:3])
     with torch.no_grad():
-        hs = smol.hf(input_ids=b.input_ids[:, :64], output_hidden_states=True).hidden_states
-    assert abs(float(hs[int(row.layer) + 1][0, int(row.token), int(row.dim)]) - row.value) <= 1e-3
-    # set-zero explodes perplexity, set-mean and random dims barely move it
+        hs = smol.hf(input_ids=b.input_ids[:, :64], attention_mask=b.attention_mask[:, :64],
+                     output_hidden_states=True).hidden_states
+    for row in f.table.head(20).itertuples():
+        assert abs(float(hs[row.layer + 1][row.prompt, row.token, row.dim]) - row.value) <= 1e-3
+    # set-mean writes each dim's mean over the prompts' own massive positions (token 0 here)
+    want = hs[12][:, 0, m["dims"]].mean(0)
+    assert torch.allclose(torch.tensor(m["set_mean_values"]), want, rtol=1e-4)
+    # the paper's ablation inside the probe: set-zero explodes perplexity, set-mean and random dims barely move it
     assert m["set_zero_log10_ratio"] > 2
-    assert abs(m["set_mean_rel_change"]) < 0.05
-    assert abs(m["random_rel_change"]) < 0.05
+    assert abs(m["nll_set_mean"] - m["nll"]) < 0.01 and abs(m["random_rel_change"]) < 0.05
+    assert "layer 11" in f.explain() and "token 0" in f.explain()
+
+
+def _nll(model, texts, spec=None):
+    b = model.encode(texts)
+    logits = model.logits(b, spec) if spec is not None else model.logits(b)
+    lp = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), b.input_ids[:, 1:], reduction="none")
+    m = b.attention_mask[:, 1:].float()
+    return float((lp * m).sum() / m.sum())
+
+
+def test_massive_spec_replays_on_other_prompts(smol):
+    """The exported spec finds each prompt's own massive tokens at run time: on prompts the probe never saw, set-mean
+    is a near no-op (Sun et al.) while set-zero blows the loss up."""
+    f = massive(smol, paragraphs()[:2], ablation=False)
     spec = f.to_spec(model=smol, method="set_mean")
-    with interp.patch(smol, spec):
-        smol.logits("The capital of France is")
+    e = spec.edits[0]
+    assert e["positions"] == "sink" and spec.sink["dims"] == f.metrics["dims"] and e["layers"] == [12]
+    texts = [paragraphs()[5][:200], "The capital of France is Paris. The capital of Italy is Rome."]
+    base = _nll(smol, texts)
+    assert abs(_nll(smol, texts, spec) - base) < 0.01
+    assert _nll(smol, texts, f.to_spec(model=smol, method="set_zero")) - base > 2.0
+    with pytest.raises(interp.InterpError, match="only massive token"):
+        f.to_spec(model=smol, method="attention")
+
+
+def test_massive_start_layer_needs_few_tokens_and_dims():
+    """A constructed residual stream: in layers 0-1 one dim exceeds 100 and 1000x the median at every token (a dense
+    outlier feature), from layer 2 on two dims are massive at token 0 only. Massive activations start at layer 2."""
+    g = torch.Generator().manual_seed(0)
+    L, b, T, d = 5, 2, 20, 32
+    H = torch.randn(L, b, T, d, generator=g) * 0.1
+    H[:2, :, :, 3] = 500.0
+    H[2:, :, 0, 7] = 2000.0
+    H[2:, :, 0, 9] = -1500.0
+    valid = torch.ones(b, T, dtype=torch.bool)
+    valid[1, 15:] = False  # padding is never a hit
+    H[2:, 1, 17, 7] = 9000.0
+    rows, dense = find_massive(H, valid)
+    assert sorted(dense) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert {(r["layer"], r["prompt"], r["token"], r["dim"]) for r in rows} == \
+        {(l, i, 0, c) for l in range(2, L) for i in range(b) for c in (7, 9)}
 
 
 def test_entropy_matches_patterns_and_exports_art(smol):
@@ -82,11 +195,22 @@ def test_entropy_matches_patterns_and_exports_art(smol):
         want = H.mean((0, 2))
         got = torch.tensor(f.table[f.table.layer == l].entropy.values)
         assert (got - want).abs().max() <= 1e-5
-    uniform = f.table[f.table.uniform]
-    if len(uniform[uniform.layer <= 10]):
-        spec = f.to_spec(model=smol, window=8)
-        with interp.patch(smol, spec):
-            smol.logits("The capital of France is")
+    # ART: uniform heads of the first third get a local window of w keys plus the sink key 0
+    spec = f.to_spec(model=smol, window=8)
+    e = spec.edits[0]
+    l0, heads = e["layers"][0], e["heads"]
+    x = paragraphs()[3][:150]
+    site = f"blocks.{l0}.attn.pattern"
+    A = interp.capture(smol, x, sites=site)[site][0]
+    with interp.patch(smol, spec):
+        got = interp.capture(smol, x, sites=site)[site][0]
+    T = A.shape[-1]
+    q, k = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    keep = (k > q - 8) | (k == 0)
+    want = A.clone()
+    w = A[heads] * keep
+    want[heads] = w / w.sum(-1, keepdim=True)
+    assert T > 16 and (got - want).abs().max() <= 1e-5
 
 
 def test_knockout_lowers_answer_and_empty_is_noop(smol):
@@ -153,7 +277,71 @@ def test_knockout_refuses_bad_input_and_leaves_model_unhooked(smol):
     assert torch.equal(smol.logits(b), before)
 
 
-def test_secondary_sinks_runs(smol):
+def test_secondary_sinks_against_hf_hidden_states(smol):
     f = secondary_sinks(smol, paragraphs()[:2])
-    assert set(f.table.sink_type) <= {"bos", "bos_sink", "secondary", "noise"}
-    assert (f.table.lifetime > 0).all()
+    L = smol.n_layers
+    assert all(x >= L - 15 for x in f.metrics["bos_lifetime"])  # METHODS §1c: the BOS lives ≥ L − 15 layers
+    # independent recomputation of prompt 0 from HF hidden_states[1:]
+    b = smol.encode(paragraphs()[0])
+    with torch.no_grad():
+        h = torch.stack(smol.hf(input_ids=b.input_ids[:, :128], output_hidden_states=True).hidden_states[1:])[:, 0]
+    n = h.norm(dim=-1)
+    bos = int(n[:, :2].mean(0).argmax())
+    delta = n[1:, bos] - n[:-1, bos]
+    start = int(delta.argmax()) + 1
+    end = int(delta[start:].argmin()) + start + 1
+    assert f.metrics["layer_window"][0] == (start, end)
+    cos = torch.nn.functional.cosine_similarity(h[start:end], h[start:end, bos:bos + 1], dim=-1).abs()
+    life = (cos > 0.9).sum(0)
+    t = f.table[f.table.prompt == 0]
+    assert dict(zip(t.position, t.lifetime)) == {j: int(life[j]) for j in range(len(life)) if life[j] > 0}
+    assert set(t[t.position == bos].sink_type) == {"bos"}
+    assert f.explain().startswith("The first-token sink stays aligned for")
+
+
+def _boxes_overlap(a, b) -> bool:
+    return a.x0 < b.x1 - 1 and b.x0 < a.x1 - 1 and a.y0 < b.y1 - 1 and b.y0 < a.y1 - 1
+
+
+@pytest.mark.parametrize("name", ["sinks", "massive", "entropy", "secondary_sinks"])
+def test_probe_figures_keep_titles_and_colorbars_apart_at_narrow_widths(name):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    import probes  # noqa: F401  (registers the probes' figures)
+    import viz
+    from tests.test_viz import synthetic_findings
+    f = synthetic_findings()[name]
+    for width in ((5.0, 6.5) if name in ("sinks", "massive") else (3.5, 4.5)):  # two panels / one panel
+        fig = viz.plot(f, width=width)
+        assert fig.get_figwidth() == width
+        FigureCanvasAgg(fig).draw()
+        r = fig.canvas.get_renderer()
+        W = fig.bbox.width
+        titles = [t.get_window_extent(r) for ax in fig.axes for t in (ax.title, ax._left_title, ax._right_title)
+                  if t.get_text()]
+        if fig._suptitle is not None:
+            titles.append(fig._suptitle.get_window_extent(r))
+        cbars = [ax.get_tightbbox(r) for ax in fig.axes if hasattr(ax, "_colorbar")]
+        assert titles
+        for i, a in enumerate(titles):
+            assert a.x0 >= -1 and a.x1 <= W + 1, (name, width, "title outside the figure")
+            for b in titles[i + 1:] + cbars:
+                assert not _boxes_overlap(a, b), (name, width)
+
+
+def test_massive_figures_log_colour_scale_real_tokens_only():
+    import matplotlib.colors
+
+    import probes  # noqa: F401
+    import viz
+    from tests.test_viz import synthetic_findings
+    f = synthetic_findings()["massive"]
+    f.params = {**f.params, "tokens": f.params["tokens"][:5]}  # 5 real tokens, the rest of layer_abs is padding
+    fig = viz.plot(f)
+    im = fig.axes[1].images[0]
+    assert isinstance(im.norm, matplotlib.colors.LogNorm) and im.get_array().shape[0] == 5
+    go = viz.plot(f, interactive=True)
+    heat = [t for t in go.data if t.type == "heatmap"][0]
+    assert len(heat.z) == 5
+    z = np.array(heat.z, dtype=float)
+    assert np.nanmax(z) == pytest.approx(np.log10(float(f.arrays["layer_abs"][:5].abs().max())), rel=1e-6)

@@ -158,6 +158,8 @@ def generic(finding, **kw) -> go.Figure:
 
 
 def sinks(finding, n_tokens: int = 16, **kw) -> go.Figure:
+    """The mean importance of the first keys (left) and the layer × head sink score of token 0 (right, its
+    colorbar at the figure's edge so that it never runs into the other panel at narrow widths)."""
     df = table(finding)
     sc = score_col(df)
     if not has(df, "layer", "head") or sc is None:
@@ -166,28 +168,29 @@ def sinks(finding, n_tokens: int = 16, **kw) -> go.Figure:
     imp = arr(finding, "importance")
     two = imp is not None and imp.size > 0
     n = min(n_tokens, imp.shape[-1]) if two else 0
-    fig = make_subplots(1, 2 if two else 1, column_widths=[0.5, 0.5] if two else None, horizontal_spacing=0.25,
-                        subplot_titles=["sink score α of token 0 (● sink head)"] +
-                        ([f"mean importance of the first {n} keys"] if two else []))
+    hc = 2 if two else 1  # the heatmap's column
+    fig = make_subplots(1, 2 if two else 1, column_widths=[0.45, 0.55] if two else None, horizontal_spacing=0.12,
+                        subplot_titles=([f"mean α of the first {n} keys"] if two else []) +
+                        ["α of token 0 (● sink head)"])
     nonneg = not is_signed(M)
-    fig.add_trace(_layer_head_heat(fig, rows, cols, M, sc, 1, 2 if two else 1, signed=False if nonneg else None,
-                                   zmin=0 if nonneg else None), 1, 1)
+    fig.add_trace(_layer_head_heat(fig, rows, cols, M, sc, hc, 1, signed=False if nonneg else None,
+                                   zmin=0 if nonneg else None), 1, hc)
     if "is_sink" in df.columns:
         s = df[df["is_sink"].astype(bool)]
         fig.add_trace(go.Scatter(x=s["head"].tolist(), y=s["layer"].tolist(), mode="markers", name="sink head",
                                  marker=dict(color="black", size=7, line=dict(color="white", width=1)),
                                  customdata=s[sc].tolist(), showlegend=False,
                                  hovertemplate="sink head<br>layer %{y}, head %{x}<br>" + _h(sc) +
-                                 " %{customdata:.4g}<extra></extra>"), 1, 1)
-    _layer_head_axes(fig, rows, cols, 1, 1)
+                                 " %{customdata:.4g}<extra></extra>"), 1, hc)
+    _layer_head_axes(fig, rows, cols, 1, hc)
     if two:
         v = imp.reshape(-1, imp.shape[-1]).mean(0) if imp.ndim > 1 else imp
         labels = token_labels(finding, n)
         fig.add_trace(go.Bar(x=list(range(n)), y=v[:n].tolist(), customdata=_hl(labels), showlegend=False,
                              marker_color=[NEG if i == 0 else POS for i in range(n)],
-                             hovertemplate="key %{x}: %{customdata}<br>mean α %{y:.4g}<extra></extra>"), 1, 2)
-        fig.update_xaxes(title_text="key token", row=1, col=2, **_tick_axis(labels))
-        fig.update_yaxes(title_text="mean importance α", row=1, col=2)
+                             hovertemplate="key %{x}: %{customdata}<br>mean α %{y:.4g}<extra></extra>"), 1, 1)
+        fig.update_xaxes(title_text="key token", row=1, col=1, **_tick_axis(labels))
+        fig.update_yaxes(title_text="mean importance α", row=1, col=1)
     eps = (finding.metrics or {}).get("epsilon")
     t = title_of(finding, "Attention sinks") + (f" (ε = {eps:.3g})" if isinstance(eps, (int, float)) else "")
     return _layout(fig, _h(t), max(420, min(900, 14 * len(rows) + 180)))
@@ -212,11 +215,13 @@ def secondary_sinks(finding, max_bars: int = 40, **kw) -> go.Figure:
 
 
 def massive(finding, window: int = 3, max_tokens: int = 24, **kw) -> go.Figure:
+    """Largest |h| per layer (log y) and |h| over the real tokens × a window of dims around the massive dims at
+    the first massive layer, on a log colour scale (the colorbar at the figure's edge)."""
     df = table(finding)
     top, med = arr(finding, "top"), arr(finding, "median")
     layer = (finding.metrics or {}).get("first_layer")
-    fig = make_subplots(1, 2, horizontal_spacing=0.25, column_widths=[0.45, 0.55],
-                        subplot_titles=["largest |h| per layer (log)",
+    fig = make_subplots(1, 2, horizontal_spacing=0.2, column_widths=[0.45, 0.55],
+                        subplot_titles=["largest |h| per layer",
                                         f"|h| at layer {layer}" if layer is not None else "massive activations"])
     if top is None and has(df, "layer", "value") and len(df):
         g = df.assign(a=df["value"].abs()).groupby("layer")["a"].max()
@@ -240,14 +245,20 @@ def massive(finding, window: int = 3, max_tokens: int = 24, **kw) -> go.Figure:
         A = np.abs(A)
         dims = massive_dims(finding, A)
         cols = sorted({c for dm in dims for c in range(dm - window, dm + window + 1) if 0 <= c < A.shape[1]})
-        T = min(max_tokens, A.shape[0])
+        toks = (finding.params or {}).get("tokens")
+        T = min(max_tokens, A.shape[0], len(toks) if isinstance(toks, (list, tuple)) and toks else A.shape[0])
         labels = token_labels(finding, T)
         M = A[:T][:, cols]
-        fig.add_trace(go.Heatmap(z=_grid(M), x=list(range(len(cols))), y=list(range(T)), colorscale="Viridis", zmin=0,
-                                 customdata=[[[_h(labels[t]), cols[j]] for j in range(len(cols))] for t in range(T)],
-                                 colorbar=_cbar(fig, 2, "|h|", 2),
-                                 hovertemplate="token %{y}: %{customdata[0]}<br>dim %{customdata[1]}<br>|h| %{z:.4g}"
-                                 "<extra></extra>", showlegend=False), 1, 2)
+        Z = np.where(M > 0, np.log10(np.where(M > 0, M, 1.0)), np.nan)  # log colour scale
+        lo, hi = (int(np.floor(np.nanmin(Z))), int(np.ceil(np.nanmax(Z)))) if np.isfinite(Z).any() else (0, 1)
+        ticks = list(range(lo, hi + 1))
+        fig.add_trace(go.Heatmap(z=_grid(Z), x=list(range(len(cols))), y=list(range(T)), colorscale="Viridis",
+                                 customdata=[[[_h(labels[t]), cols[j], float(M[t, j])] for j in range(len(cols))]
+                                             for t in range(T)],
+                                 colorbar=dict(_cbar(fig, 2, "|h| (log)", 1), tickvals=ticks,
+                                               ticktext=[f"{10.0 ** k:g}" for k in ticks]),
+                                 hovertemplate="token %{y}: %{customdata[0]}<br>dim %{customdata[1]}<br>"
+                                 "|h| %{customdata[2]:.4g}<extra></extra>", showlegend=False), 1, 2)
         fig.update_xaxes(title_text="hidden dim (window around massive dims)", row=1, col=2, tickmode="array",
                          tickvals=[j for j, c in enumerate(cols) if c in dims], ticktext=[str(c) for c in cols if c in dims],
                          showgrid=False)

@@ -498,8 +498,23 @@ def generic(finding, **kw) -> Figure:
     return fig
 
 
+def fit_title(ax, text: str, **kw) -> None:
+    """An axes title wrapped to the axes' width, so that neighbouring titles and colorbars never overlap."""
+    import textwrap
+    size = mpl.rcParams["axes.titlesize"]
+    size = size if isinstance(size, (int, float)) else 10.5
+    width_pt = 0.8 * ax.get_position().width * ax.figure.get_figwidth() * 72
+    chars = max(14, int(width_pt / (0.58 * size)))
+    ax.set_title("\n".join(textwrap.fill(line, chars) for line in mpl_text(text).split("\n")), **kw)
+
+
+def _sized(size: tuple[float, float], width: float | None) -> tuple[float, float]:
+    """A figure size with the caller's ``width`` (inches) when given."""
+    return (float(width), size[1]) if width else size
+
+
 @styled
-def sinks(finding, n_tokens: int = 16, **kw) -> Figure:
+def sinks(finding, n_tokens: int = 16, width: float | None = None, **kw) -> Figure:
     """Layer × head heatmap of the sink score α of token 0 (sink heads marked) and, when
     ``arrays["importance"]`` [L, H, T] exists, the mean importance of the first ``n_tokens`` keys."""
     df = table(finding)
@@ -510,7 +525,8 @@ def sinks(finding, n_tokens: int = 16, **kw) -> Figure:
     imp = arr(finding, "importance")
     two = imp is not None and imp.size > 0
     h = max(3.4, min(9, 0.16 * len(rows) + 1.6))
-    fig, axes = new_fig(2 if two else 1, (10.0 if two else 5.4, h), width_ratios=[1.1, 1] if two else None)
+    fig, axes = new_fig(2 if two else 1, _sized((10.0 if two else 5.4, h), width),
+                        width_ratios=[1.1, 1] if two else None)
     ax = axes[0]
     nonneg = np.nanmin(M) >= 0 if np.isfinite(M).any() else True
     heat(fig, ax, M, xlabel="head", ylabel="layer", cbar=f"{sc} (α of token 0)" if sc == "score" else sc,
@@ -525,10 +541,10 @@ def sinks(finding, n_tokens: int = 16, **kw) -> Figure:
         if xs:
             ax.scatter(xs, ys, s=max(6, min(30, 900 / max(len(rows), len(cols)) ** 1.3)), c="black",
                        edgecolors="white", linewidths=0.6, zorder=3)
-        ax.set_title(f"Sink heads ({len(xs)} marked ●, α > ε={eps:.3g})" if isinstance(eps, (int, float))
-                     else f"Sink heads ({len(xs)} marked ●)")
+        fit_title(ax, f"Sink heads ({len(xs)} marked ●, α > ε={eps:.3g})" if isinstance(eps, (int, float))
+                  else f"Sink heads ({len(xs)} marked ●)")
     else:
-        ax.set_title("Sink score per head")
+        fit_title(ax, "Sink score per head")
     if two:
         ax2 = axes[1]
         v = imp.reshape(-1, imp.shape[-1]).mean(0) if imp.ndim > 1 else imp
@@ -538,20 +554,20 @@ def sinks(finding, n_tokens: int = 16, **kw) -> Figure:
         set_ticks(ax2, "x", labels, labels)
         ax2.set_xlabel("key token")
         ax2.set_ylabel("mean importance α")
-        ax2.set_title(f"Mean importance of the first {n} keys (over layers, heads)")
+        fit_title(ax2, f"Mean α of the first {n} keys (over layers and heads)")
     fig.suptitle(title_of(finding, "Attention sinks"), x=0.01, ha="left")
     return fig
 
 
 @styled
-def secondary_sinks(finding, max_bars: int = 40, **kw) -> Figure:
+def secondary_sinks(finding, max_bars: int = 40, width: float | None = None, **kw) -> Figure:
     """Lifetime (in layers) of each sink position, coloured by type, creation layer annotated."""
     df = table(finding)
     if not has(df, "lifetime") or not len(df):
         return generic.__wrapped__(finding, **kw)
     d = lifetime_rows(df, max_bars)
     n = len(d)
-    fig, (ax,) = new_fig(1, (max(4.8, min(12, 0.32 * n + 2)), 3.8))
+    fig, (ax,) = new_fig(1, _sized((max(4.8, min(12, 0.32 * n + 2)), 3.8), width))
     types = list(dict.fromkeys(["bos_sink", "secondary", "noise"] + d["_type"].tolist()))
     types = [t for t in types if (d["_type"] == t).any()]
     for i, t in enumerate(types):
@@ -567,19 +583,19 @@ def secondary_sinks(finding, max_bars: int = 40, **kw) -> Figure:
     ax.set_ylabel("lifetime (layers)")
     ax.margins(y=0.12)
     fig.legend(*ax.get_legend_handles_labels(), title="sink type", loc="outside right upper")
-    ax.set_title(title_of(finding, "Secondary sinks") + ("\n(Lk: creation layer)"
-                                                         if "creation_layer" in d.columns and n <= 30 else ""))
+    fit_title(ax, title_of(finding, "Secondary sinks") + ("\n(Lk: creation layer)"
+                                                          if "creation_layer" in d.columns and n <= 30 else ""))
     return fig
 
 
 @styled
-def massive(finding, window: int = 3, max_tokens: int = 24, **kw) -> Figure:
+def massive(finding, window: int = 3, max_tokens: int = 24, width: float | None = None, **kw) -> Figure:
     """Sun et al. (2024): top-1/2/3 |activation| and the median per layer (log y), and |h| over tokens ×
-    a window of dims around the massive dims at the first massive layer (``arrays["layer_abs"]``), else
-    a bar chart of the hits."""
+    a window of dims around the massive dims at the first massive layer (``arrays["layer_abs"]``, log colour
+    scale, real tokens only), else a bar chart of the hits."""
     df = table(finding)
     top, med = arr(finding, "top"), arr(finding, "median")
-    fig, (ax, ax2) = new_fig(2, (10.5, 3.9), width_ratios=[1, 1.15])
+    fig, (ax, ax2) = new_fig(2, _sized((10.5, 3.9), width), width_ratios=[1, 1.15])
     # left: per-layer magnitudes
     if top is None and has(df, "layer", "value") and len(df):
         g = df.assign(a=df["value"].abs()).groupby("layer")["a"].max()
@@ -601,7 +617,7 @@ def massive(finding, window: int = 3, max_tokens: int = 24, **kw) -> Figure:
         ax.set_ylabel("|activation| (log)")
         ax.legend(ncols=2 if top.shape[1] > 2 else 1)
         ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
-        ax.set_title("Largest |h| per layer")
+        fit_title(ax, "Largest |h| per layer")
     else:
         note(ax, "no per-layer magnitudes (arrays 'top'/'median')")
     # right: token × dim window
@@ -615,16 +631,19 @@ def massive(finding, window: int = 3, max_tokens: int = 24, **kw) -> Figure:
             if cols and win and win[0] != cols[-1] + 1:
                 cols.append(-1)  # gap
             cols += win
-        T = min(max_tokens, A.shape[0])
+        toks = (finding.params or {}).get("tokens")
+        T = min(max_tokens, A.shape[0], len(toks) if isinstance(toks, (list, tuple)) and toks else A.shape[0])
         M = np.stack([A[:T, c] if c >= 0 else np.full(T, np.nan) for c in cols], 1)
+        pos = M[np.isfinite(M) & (M > 0)]
+        norm = mpl.colors.LogNorm(vmin=max(float(pos.min()), 1e-3), vmax=float(pos.max())) if pos.size else None
         xl = [str(c) if c in dims else "" for c in cols]
-        heat(fig, ax2, M, xlabel="hidden dim (window around massive dims)", ylabel="token", cbar="|activation|",
-             signed=False, vmin=0, xvals=cols, xlabels=xl, yvals=list(range(T)), ylabels=token_labels(finding, T),
-             cmap="viridis")
+        heat(fig, ax2, np.where(M > 0, M, np.nan), xlabel="hidden dim (window around massive dims)", ylabel="token",
+             cbar="|activation| (log)", signed=False, norm=norm, xvals=cols, xlabels=xl, yvals=list(range(T)),
+             ylabels=token_labels(finding, T), cmap="viridis")
         ax2.set_xticks([i for i, c in enumerate(cols) if c in dims])
         ax2.set_xticklabels([str(c) for c in cols if c in dims], rotation=0)
         layer = (finding.metrics or {}).get("first_layer")
-        ax2.set_title(f"|h| at layer {layer}" if layer is not None else "|h| at the first massive layer")
+        fit_title(ax2, f"|h| at layer {layer}" if layer is not None else "|h| at the first massive layer")
     elif len(df) and has(df, "value"):
         d = df.assign(a=df["value"].abs())
         keys = [c for c in ("token", "dim") if c in d.columns]
@@ -637,7 +656,7 @@ def massive(finding, window: int = 3, max_tokens: int = 24, **kw) -> Figure:
         set_ticks(ax2, "x", labels, labels)
         ax2.set_xlabel("token @ dim")
         ax2.set_ylabel("max |activation| over layers")
-        ax2.set_title("Massive activations")
+        fit_title(ax2, "Massive activations")
     else:
         note(ax2, "no massive activations found")
     fig.suptitle(title_of(finding, "Massive activations"), x=0.01, ha="left")
@@ -645,14 +664,14 @@ def massive(finding, window: int = 3, max_tokens: int = 24, **kw) -> Figure:
 
 
 @styled
-def entropy(finding, **kw) -> Figure:
+def entropy(finding, width: float | None = None, **kw) -> Figure:
     """Layer × head heatmap of normalised attention entropy (cividis); uniform heads outlined."""
     df = table(finding)
     col = "entropy" if "entropy" in df.columns else score_col(df)
     if not has(df, "layer", "head") or col is None:
         return generic.__wrapped__(finding, **kw)
     M, rows, cols = pivot(df, "layer", "head", col)
-    fig, (ax,) = new_fig(1, (5.4, max(3.4, min(9, 0.16 * len(rows) + 1.6))))
+    fig, (ax,) = new_fig(1, _sized((5.4, max(3.4, min(9, 0.16 * len(rows) + 1.6))), width))
     fin = M[np.isfinite(M)]
     unit = fin.size and fin.min() >= 0 and fin.max() <= 1
     heat(fig, ax, M, xlabel="head", ylabel="layer", cbar="normalised entropy" if col == "entropy" else col,
@@ -667,7 +686,7 @@ def entropy(finding, **kw) -> Figure:
                 ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, ec="black", lw=2.0, zorder=3))
                 ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, ec="white", lw=0.8, zorder=4))
                 n_u += 1
-    ax.set_title(title_of(finding, "Attention entropy") + (f"\n{n_u} uniform heads outlined" if n_u else ""))
+    fit_title(ax, title_of(finding, "Attention entropy") + (f"\n{n_u} uniform heads outlined" if n_u else ""))
     return fig
 
 
