@@ -72,3 +72,24 @@ def test_ablation_on_held_out_items(testbed):
     assert t.loc["occlusion", "pointing_lo"] > t.loc["random", "pointing_hi"]
     for k in STAGES:  # every stage of every item stays in [0, max(raw)]
         assert (f.arrays[k] >= 0).all() and (f.arrays[k] <= f.arrays["raw"].amax(1, keepdim=True) + 1e-6).all()
+
+
+def test_without_tokenizer_positions_must_be_given(testbed):
+    """Regression: without a tokenizer every generated token counted as a word, so <eos> could become the target;
+    now Diffusion-CAM refuses, and with positions given it reproduces the map the tokenizer's choice gives."""
+    m, tok, meta = testbed
+    sc = make_dataset(2, seed=3, split="test")[0]
+    q = sc.question("colour")
+    inp = build_inputs(tok, meta, sc, q)
+    bare = interp.load(m.hf, tokenizer=None, name="llada-no-tokenizer")
+    bare.adapter.mask_token_id = meta["mask_token_id"]
+    with pytest.raises(interp.InterpError, match="positions"):
+        diffusion_cam(bare, inp, gen_len=meta["gen_len"])
+    with pytest.raises(interp.InterpError, match="offsets"):
+        diffusion_cam(bare, inp, gen_len=meta["gen_len"], positions=(0, 3))
+    auto = diffusion_cam(m, inp, gen_len=meta["gen_len"])
+    assert auto.metrics["target_token"] == q.answer.split()[0]  # one word and two <eos>: target 0, distractor 2
+    given = diffusion_cam(bare, inp, gen_len=meta["gen_len"], positions=(0, 2))
+    P = inp["input_ids"].shape[1]
+    assert (given.metrics["t_tgt"], given.metrics["t_dis"]) == (auto.metrics["t_tgt"], auto.metrics["t_dis"]) == (P, P + 2)
+    assert torch.allclose(given.arrays["raw"], auto.arrays["raw"], atol=1e-6)
