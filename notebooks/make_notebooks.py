@@ -1,16 +1,88 @@
-"""Write the notebooks from plain cell lists (keeps them reviewable as code). Run: python notebooks/make_notebooks.py"""
+"""Write the notebooks from plain cell lists (keeps them reviewable as code) and execute them, so they are
+committed with their outputs and figures. Run from the repository root:
+
+    .venv/bin/python notebooks/make_notebooks.py            # write and execute every notebook
+    .venv/bin/python notebooks/make_notebooks.py 00 04      # only those whose name starts so
+"""
+import sys
 from pathlib import Path
 
 import nbformat as nbf
 
 HERE = Path(__file__).parent
+NOTEBOOKS: dict[str, list[tuple[str, str]]] = {}
 
 
 def write(name: str, cells: list[tuple[str, str]]) -> None:
+    NOTEBOOKS[name] = cells
+
+
+def build(name: str, cells: list[tuple[str, str]]) -> nbf.NotebookNode:
     nb = nbf.v4.new_notebook()
     nb.cells = [nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbf.write(nb, HERE / name)
+    return nb
+
+
+def execute(nb: nbf.NotebookNode, timeout: int = 900) -> nbf.NotebookNode:
+    from nbclient import NotebookClient
+    NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                   resources={"metadata": {"path": str(HERE.parent)}}).execute()
+    return nb
+
+
+write("00_first_steps.ipynb", [
+    ("md", "# First steps: capture, a finding, a spec, a patch\n"
+           "Everything in interp goes one way: **capture** what the model computes → an **analysis** returns a "
+           "**Finding** (a table, metrics, a sentence and a figure) → the finding exports an intervention **Spec** "
+           "(versioned JSON) → **`interp.patch`** replays it and `interp.evaluate` measures its effect. This notebook "
+           "walks that path once on the embedded SmolLM2-135M-Instruct."),
+    ("code", "import torch, interp, viz\nmodel = interp.load('smollm2')  # the embedded GGUF, converted once and cached\nmodel"),
+    ("md", "## 1. Capture\nSite names follow TransformerLens (`blocks.{l}.attn.pattern`, `blocks.{l}.resid_post`, …). "
+           "Captured patterns equal HF eager `output_attentions`; the model's own output is unchanged."),
+    ("code", "prompt = 'The capital of France is Paris. The capital of Italy is'\n"
+             "trace = interp.capture(model, prompt, sites=['blocks.*.attn.pattern', 'blocks.*.resid_post', 'logits'])\n"
+             "print(trace)\nprint('next token:', repr(model.tokenizer.decode(trace['logits'][0, -1].argmax())))"),
+    ("md", "Layer 18, head 6 is an induction head: the last ` is` attends to ` Paris`, the token after the earlier ` is`."),
+    ("code", "viz.trace_plot(trace, layer=18, head=6)"),
+    ("md", "Token 0 carries a huge residual norm from layer 11 on (massive activations, the mechanism behind the "
+           "attention sink):"),
+    ("code", "viz.trace_plot(trace, 'resid_post')"),
+    ("md", "Reducers keep statistics instead of patterns, so long prompts fit in memory: `KeyMass` gives the mean "
+           "attention each key receives, `Entropy` each query's attention entropy."),
+    ("code", "t2 = interp.capture(model, prompt, reducers=[interp.KeyMass(), interp.Entropy()])\n"
+             "print('mean attention on token 0, layers 0-5 (mean over heads):', "
+             "[round(x, 2) for x in t2.stack('attn.key_mean')[:6, 0, :, 0].mean(-1).tolist()])"),
+    ("md", "## 2. An analysis returns a Finding\nEvery analysis has the same shape: `analysis(model, inputs, **params)` "
+           "→ `Finding`. The finding states its result in one sentence, keeps a tidy table and draws its figure."),
+    ("code", "from probes.induction import induction\nf = induction(model)  # repeated random token sequences by default\n"
+             "print(f.explain())\nf.top(5)"),
+    ("code", "f.plot()"),
+    ("md", "## 3. From finding to spec\nThe finding exports the intervention it suggests: here, zero the output of the "
+           "top 8 induction heads. A spec is JSON (plus a safetensors sidecar for tensors) and refuses to run on another model."),
+    ("code", "spec = f.to_spec(model=model, k=8)\nprint(spec.to_json()[:500])"),
+    ("md", "## 4. Patch and measure\n`interp.patch` applies the spec inside a `with` block and restores the model on exit, "
+           "even after an error. `Induction.copying_loss` is the loss on tokens that repeat an earlier one."),
+    ("code", "from probes.induction import Induction, repeated_tokens\n"
+             "ids = {'input_ids': repeated_tokens(model, n=30, batch=8, seed=3)}\n"
+             "base = Induction.copying_loss(model, ids)\n"
+             "with interp.patch(model, spec):\n    ablated = Induction.copying_loss(model, ids)\n"
+             "print(f'loss on repeated tokens: {base.mean():.2f} nats → {ablated.mean():.2f} with the top-8 heads zeroed')"),
+    ("md", "## 5. One-off edits: typed builders and hooks\nEach op has a typed builder (`interp.ops.*`); edits compose "
+           "into a Spec. For anything the ops do not cover, `interp.patch(model, hooks={site: fn})` runs your own "
+           "function on a site's output (not serialisable, and it says so)."),
+    ("code", "from interp import ops\n"
+             "edit = ops.head_scale(layers=[18], heads=[6], factor=0.0)\n"
+             "one = interp.Spec.for_model(model, [edit])\nb = model.encode(prompt)\n"
+             "p = lambda lg: torch.softmax(lg[0, -1].float(), -1)[model.tokenizer.encode(' Rome')[0]].item()\n"
+             "print(f\"p(' Rome'): {p(model.logits(b)):.3f} plain, {p(model.logits(b, one)):.3f} with head 18.6 zeroed\")\n"
+             "def damp_token0(x):\n    x = x.clone(); x[:, 0] *= 0.5; return x\n"
+             "with interp.patch(model, hooks={'blocks.11.resid_post': damp_token0}):\n"
+             "    print(f\"p(' Rome') with token 0's residual halved after layer 11: {p(model.logits(b)):.3f}\")"),
+    ("md", "## 6. Evaluate on a task, with confidence intervals\n`interp.evaluate` scores a shipped task with and "
+           "without the spec (paired bootstrap CI of the difference)."),
+    ("code", "r = interp.evaluate(model, spec, 'capitals', limit=60)\nprint(r.explain() or r.summary())"),
+])
 
 
 write("01_sinks_and_massive_activations.ipynb", [
@@ -19,7 +91,7 @@ write("01_sinks_and_massive_activations.ipynb", [
            "finds the massive activations of Sun et al. (COLM'24) with their ablation check, and turns both "
            "findings into intervention specs that replay through `interp.patch`."),
     ("code", "import torch, interp\nfrom interp.prompts import paragraphs\nfrom probes.sinks import sinks\n"
-             "from probes.massive import massive\ntorch.set_num_threads(2)\n"
+             "from probes.massive import massive\n"
              "model = interp.load('smollm2')\nmodel"),
     ("md", "## 1. Capture\nOne capture gives exact attention patterns (equal to HF eager `output_attentions`) "
            "and residual streams. Reducers keep only statistics, so long prompts fit in memory."),
@@ -52,7 +124,7 @@ write("02_vision_heads_and_sinks.ipynb", [
     ("code", "import torch, interp\nfrom interp.testbed import load_testbed, build_inputs\n"
              "from interp.testbed.items import encode_items, answer_ids\nfrom interp.testbed.localize import localisation_items\n"
              "from probes import image_attention as ia, visual_sinks as vs, vhd as vhd_mod\nfrom probes.knockout import knockout\n"
-             "from interp.tasks import bootstrap_ci\ntorch.set_num_threads(2)\n"
+             "from interp.tasks import bootstrap_ci\n"
              "hf, tok, meta = load_testbed('llava_ar')\nmodel = interp.load(hf, tokenizer=tok, name='llava_ar')\n"
              "items = localisation_items(16, seed=0)  # held-out scenes, questions about one object\nmodel, len(items)"),
     ("md", "## 1. Vision-aware heads (VHD, He et al. ACL'25)\nVHD = ‖O^{l,h}(with image) − O^{l,h}(without image)‖ at "
@@ -96,7 +168,7 @@ write("03_attribution.ipynb", [
            "Gradients come from one capture with `grad=True`; no analysis hooks the model itself."),
     ("code", "import torch, interp\nfrom attribution.saliency import saliency\n"
              "from attribution.step_saliency import EXAMPLES, step_saliency\nfrom attribution.shapley import shapley\n"
-             "torch.set_num_threads(2)\nmodel = interp.load('smollm2')"),
+             "model = interp.load('smollm2')"),
     ("md", "## 1. Attention × gradient\nI^l = (1/H) Σ_h |A ⊙ ∂L/∂A| (Step-Saliency) or |Σ_h A ⊙ ∂L/∂A| (Label Words)."),
     ("code", "sal = saliency(model, 'The capital of France is Paris. The capital of Italy is Rome.', head_reduce='mean_abs')\n"
              "print(sal.summary())\nsal.plot()"),
@@ -127,4 +199,10 @@ write("03_attribution.ipynb", [
 ])
 
 if __name__ == "__main__":
-    print("written")
+    wanted = sys.argv[1:]
+    for name, cells in NOTEBOOKS.items():
+        if wanted and not any(name.startswith(w) for w in wanted):
+            continue
+        nb = execute(build(name, cells))
+        nbf.write(nb, HERE / name)
+        print(f"wrote {HERE / name} (executed)")
