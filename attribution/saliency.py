@@ -200,6 +200,10 @@ class Saliency(Analysis):
             params.update(label_positions=metrics["label_positions"], target_pos=q)
         return Finding(self.name, table, params, model.identity(), digest(ids), metrics, {"I": I})
 
+    def __call__(self, model, inputs=None, *args, **params) -> Finding:
+        """Also ``saliency(model, inputs, target, head_reduce, layers, near)``, the positional call before the contract."""
+        return self.run(model, inputs, *args, **params)
+
     def to_spec(self, finding: Finding, model: interp.Model, *, scale=None, beta=None, layers: Sequence[int] | None = None,
                 heads: Sequence[int] | str = "all", renormalize: bool = False, label_positions: Sequence[int] | None = None,
                 target_pos: int | None = None) -> interp.Spec:

@@ -764,6 +764,10 @@ class Shapley(Analysis):
         return _finding(game, est, game.model.identity(), params,
                         digest({"text": inputs, "question": question, "answer": answer}))
 
+    def __call__(self, model, inputs=None, *args, **params) -> Finding:
+        """Also ``shapley(model, text, answer, players, method)``, the positional call before the analysis contract."""
+        return self.run(model, inputs, *args, **params)
+
     def explain(self, finding: Finding) -> str:
         m, t = finding.metrics, finding.table
         unit = " nats" if m.get("value", "logprob") == "logprob" else ""

@@ -239,6 +239,9 @@ def test_smollm2_few_shot_expressions(smol):
 
 
 def test_prompt_game_batching_and_values(smol):
+    # the positional call (text, answer, players, method) still reaches the analysis
+    f = shapley(smol, "2+3=5\n", "7", "expressions", "exact", question="5+2=")
+    assert list(f.table["span"]) == ["2+3=5"] and f.metrics["n_evals"] == 2
     g = PromptGame(smol, FEW_SHOT, "expressions", "7", question="5+2=", batch_size=8)
     assert g.prompt({0, 5}) == "2+3=5\n...\n...\n...\n...\n7-1=6\n"
     batched = g.values([0, 63, 5, 17, 42])  # no common prefix: one plain padded batch
