@@ -59,9 +59,10 @@ def _select(analysis, model, names: str | None) -> list:
     return out
 
 
-def scan(model_src: str = "smollm2", prompts_file: str | None = None, probes: str | None = None,
+def scan(model_src="smollm2", prompts_file: str | None = None, probes: str | None = None,
          out: str = "out", device: str | None = None, dtype: str | None = None, chat: bool | None = None) -> Path:
-    """Run the selected analyses; write findings, specs, figures and the offline report under ``out``."""
+    """Run the selected analyses; write findings, specs, figures and the offline report under ``out``.
+    ``model_src``: anything :func:`interp.load` takes (a name, a path, a model object)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -79,7 +80,7 @@ def scan(model_src: str = "smollm2", prompts_file: str | None = None, probes: st
     for sub in ("findings", "specs", "figures"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     print(f"{model}  (loaded in {time.time() - t0:.1f}s)")
-    findings, timings, skipped = {}, {}, {}
+    findings, timings, skipped, failed = {}, {}, {}, {}
     bar = tqdm(chosen, desc="scan", unit="analysis")
     for a in bar:
         name = _short(a.name)
@@ -87,9 +88,14 @@ def scan(model_src: str = "smollm2", prompts_file: str | None = None, probes: st
         t = time.time()
         try:
             finding, spec = a.scan(model, prompts, **params)
-        except InterpError as e:
+        except InterpError as e:  # the analysis cannot run on this model or these inputs, and says why
             skipped[name] = str(e)
             tqdm.write(f"[{name}] skipped: {e}")
+            continue
+        except Exception as e:  # noqa: BLE001 - a bug: reported, the other analyses still run, exit code 1
+            failed[name] = f"{type(e).__name__}: {e}"
+            skipped[name] = f"failed with {type(e).__name__}: {e} (a bug in interp: please report it)"
+            tqdm.write(f"[{name}] FAILED: {type(e).__name__}: {e}")
             continue
         timings[name] = time.time() - t
         finding.save(out_dir / "findings" / name)
@@ -100,7 +106,13 @@ def scan(model_src: str = "smollm2", prompts_file: str | None = None, probes: st
     report = viz.report(findings, out_dir, title=f"interp scan — {model.name}", skipped=skipped)
     (out_dir / "timings.json").write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1))
     print(f"\nwrote {report} ({len(findings)} findings, {len(skipped)} skipped, {time.time() - t0:.0f}s in all)")
+    if failed:
+        raise ScanFailed(f"{len(failed)} analysis(es) failed: {', '.join(failed)}; the report lists the errors")
     return report
+
+
+class ScanFailed(Exception):
+    """Some analyses raised an unexpected error; the report was still written."""
 
 
 def _parse_roles(pairs: list[str] | None) -> dict[str, str]:
@@ -248,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     except InterpError as err:
         print(f"interp: error: {err}", file=sys.stderr)
         return 2
+    except ScanFailed as err:
+        print(f"interp: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interp: interrupted", file=sys.stderr)
         return 130
