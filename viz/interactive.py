@@ -389,7 +389,8 @@ def linear(finding, **kw) -> go.Figure:
         fig.add_hline(y=chance, line=dict(color="gray", dash="dot", width=1), annotation_text="chance")
     fig.update_xaxes(title_text="layer")
     fig.update_yaxes(title_text="accuracy")
-    return _layout(fig, _h(title_of(finding, "Linear probe")), 420)
+    concept = (finding.params or {}).get("concept")
+    return _layout(fig, _h(title_of(finding, f"Linear probe of {concept}" if concept else "Linear probe")), 420)
 
 
 def shapley(finding, max_players: int = 40, **kw) -> go.Figure:

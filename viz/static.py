@@ -802,7 +802,8 @@ def linear(finding, **kw) -> Figure:
     ax.set_ylim(lo - 0.02, 1.02)
     ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
     ax.legend()
-    ax.set_title(title_of(finding, "Linear probe"))
+    concept = (finding.params or {}).get("concept")
+    ax.set_title(title_of(finding, f"Linear probe of {concept}" if concept else "Linear probe"))
     return fig
 
 
