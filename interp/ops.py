@@ -7,7 +7,8 @@ on a residual site), its neutral value (an edit at it is skipped, so the model c
 computed before) and how it applies. :class:`interp.spec.Spec` validates edits with these classes and
 :func:`interp.patch` applies them; the math of each op is in :mod:`interp.patch` (METHODS.md §0, P1–P6).
 
-Builders return an :class:`Edit` (a dict with the tensors it refers to), composable into a Spec::
+Builders return an :class:`Edit` (a dict with the tensors it refers to; fields left out take the op's default,
+as in a hand-written edit), composable into a Spec::
 
     from interp import ops
     spec = Spec.for_model(model, [ops.head_scale(layers=[3], heads=[1], factor=0.5),
@@ -631,21 +632,21 @@ def _edit(op: str, layers: Layers, heads: Heads | None = None, **fields) -> Edit
     return e
 
 
-def scale_weights(layers: Layers, keys: Selector, factor: float, *, heads: Heads = "all", queries: Selector = "all",
+def scale_weights(layers: Layers, keys: Selector, factor: float, *, heads: Heads = "all", queries: Selector | None = None,
                   renormalize: bool = True, redistribute_to: Selector | None = None) -> Edit:
     """attn.scale_weights: A' = normalise(A ⊙ γ^{1[k∈K]}) (or redistribute the removed mass to R)."""
     return _edit("attn.scale_weights", layers, heads, queries=queries, keys=keys, factor=factor,
                  renormalize=None if renormalize else False, redistribute_to=redistribute_to)
 
 
-def add_logit_bias(layers: Layers, *, heads: Heads = "all", queries: Selector = "all", keys: Selector = "all",
+def add_logit_bias(layers: Layers, *, heads: Heads = "all", queries: Selector | None = None, keys: Selector | None = None,
                    bias: float | None = None, distance: dict | None = None, tensor: torch.Tensor | str | None = None) -> Edit:
     """attn.add_logit_bias: z' = z + B (a constant, a distance function, or a [q, k] / [h, q, k] tensor)."""
     return _edit("attn.add_logit_bias", layers, heads, queries=queries, keys=keys, bias=bias, distance=distance,
                  tensor=tensor)
 
 
-def replace_pattern(layers: Layers, mode: str, *, heads: Heads = "all", queries: Selector = "all",
+def replace_pattern(layers: Layers, mode: str, *, heads: Heads = "all", queries: Selector | None = None,
                     window: int | None = None, keep_sink: bool | None = None, source_head: int | None = None) -> Edit:
     """attn.replace_pattern: a local window (z' = −∞ for k ≤ q − w) or another head's pattern."""
     return _edit("attn.replace_pattern", layers, heads, queries=queries, mode=mode, window=window,
@@ -657,12 +658,12 @@ def knockout(layers: Layers, queries: Selector, keys: Selector, *, heads: Heads 
     return _edit("attn.knockout", layers, heads, queries=queries, keys=keys)
 
 
-def head_scale(layers: Layers, factor: float, *, heads: Heads = "all", queries: Selector = "all") -> Edit:
+def head_scale(layers: Layers, factor: float, *, heads: Heads = "all", queries: Selector | None = None) -> Edit:
     """attn.head_scale: O'^h = α O^h."""
     return _edit("attn.head_scale", layers, heads, queries=queries, factor=factor)
 
 
-def head_ablate(layers: Layers, *, heads: Heads = "all", mode: str = "zero", queries: Selector = "all",
+def head_ablate(layers: Layers, *, heads: Heads = "all", mode: str | None = None, queries: Selector | None = None,
                 tensor: torch.Tensor | str | None = None, reference: tuple | None = None) -> Edit:
     """attn.head_ablate: O'^h = 0, or (mode 'mean') the head's mean output over a reference set: pass it as
     ``tensor`` ([n_heads, head_dim] or [layers, n_heads, head_dim]) or as ``reference=(model, prompts)``."""
@@ -674,37 +675,37 @@ def head_ablate(layers: Layers, *, heads: Heads = "all", mode: str = "zero", que
     return _edit("attn.head_ablate", layers, heads, queries=queries, mode=mode, tensor=tensor)
 
 
-def resid_add(layers: Layers, tensor: torch.Tensor | str, *, positions: Selector = "all", site: str = "resid_post",
-              scale: float = 1.0) -> Edit:
+def resid_add(layers: Layers, tensor: torch.Tensor | str, *, positions: Selector | None = None, site: str | None = None,
+              scale: float | None = None) -> Edit:
     """resid.add: h'_t = h_t + s·v."""
     return _edit("resid.add", layers, None, positions=positions, site=site, tensor=tensor, scale=scale)
 
 
-def suppress_dims(layers: Layers, dims: Sequence[int], *, positions: Selector = "all", site: str = "resid_post",
-                  mode: str = "zero", value: float | None = None, tensor: torch.Tensor | str | None = None) -> Edit:
+def suppress_dims(layers: Layers, dims: Sequence[int], *, positions: Selector | None = None, site: str | None = None,
+                  mode: str | None = None, value: float | None = None, tensor: torch.Tensor | str | None = None) -> Edit:
     """resid.suppress_dims: h'_{t,c} = 0 | a mean | clamp(h, −v, v) for c ∈ dims."""
     return _edit("resid.suppress_dims", layers, None, positions=positions, site=site, dims=[int(d) for d in dims],
                  mode=mode, value=value, tensor=tensor)
 
 
-def patch_site(layers: Layers, site: str, tensor: torch.Tensor | str, *, positions: Selector = "all") -> Edit:
+def patch_site(layers: Layers, site: str, tensor: torch.Tensor | str, *, positions: Selector | None = None) -> Edit:
     """patch: x'_t = x^{src}_t at a site (activation patching from a saved Trace)."""
     return _edit("patch", layers, None, site=site, positions=positions, tensor=tensor)
 
 
-def oeb(layers: Layers, segment: Selector, bridge: Selector, *, heads: Heads = "all", queries: Selector = "last",
-        tau_max: float = 0.15) -> Edit:
+def oeb(layers: Layers, segment: Selector, bridge: Selector, *, heads: Heads = "all", queries: Selector | None = None,
+        tau_max: float | None = None) -> Edit:
     """attn.oeb: Step-Saliency's odds-equal bridge (METHODS §4b)."""
     return _edit("attn.oeb", layers, heads, queries=queries, segment=segment, bridge=bridge, tau_max=tau_max)
 
 
-def smi(layers: Layers, source: Selector, *, heads: Heads = "all", queries: Selector = "last",
-        scale: float = 0.06) -> Edit:
+def smi(layers: Layers, source: Selector, *, heads: Heads = "all", queries: Selector | None = None,
+        scale: float | None = None) -> Edit:
     """attn.smi: O'^h[t] = O^h[t] + s · mean_{j∈source} V^h[j]."""
     return _edit("attn.smi", layers, heads, queries=queries, source=source, scale=scale)
 
 
-def amplify(layers: Layers, keys: Selector, alpha: float, *, heads: Heads = "all", queries: Selector = "last") -> Edit:
+def amplify(layers: Layers, keys: Selector, alpha: float, *, heads: Heads = "all", queries: Selector | None = None) -> Edit:
     """attn.amplify (PAI): z'_{qk} = z_{qk} + α|z_{qk}| on the keys."""
     return _edit("attn.amplify", layers, heads, queries=queries, keys=keys, alpha=alpha)
 

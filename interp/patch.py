@@ -322,6 +322,7 @@ class Patch:
         try:
             handles.append(ad.lm.register_forward_pre_hook(_track_offset(eng, self.compiled), with_kwargs=True))
             eng.tracking_offset += 1
+            handles.append(ad.lm.register_forward_hook(_check_finite, with_kwargs=True))
             for c in self.compiled:
                 if c.spec.sink is not None:
                     handles += _sink_hooks(model, c.spec.sink)
@@ -393,6 +394,15 @@ def _track_offset(eng, compiled=()):
             c.bias_cache.clear()
         eng.offset = cache_offset(args, kwargs)
     return fn
+
+
+def _check_finite(mod, args, kwargs, out) -> None:
+    """An edit must never turn the hidden states NaN/inf silently (the spec's ranges keep them finite; this
+    catches what the ranges cannot, e.g. a huge factor on an already large activation)."""
+    h = out[0] if isinstance(out, tuple) else getattr(out, "last_hidden_state", None)
+    if isinstance(h, torch.Tensor) and h.is_floating_point() and not bool(torch.isfinite(h).all()):
+        raise InterpError("under this patch the model's hidden states became NaN/inf: the edits' values overflow "
+                          f"{h.dtype} on this input; use smaller factors, scales or tensors")
 
 
 def _sink_hooks(model, sink: dict) -> list:

@@ -373,3 +373,198 @@ def test_amplify_pai_formula_and_neutral(llama):
     with interp.patch(llama, spec(llama, {"op": "attn.amplify", "layers": "all", "keys": "all", "alpha": 0.0})):
         tr = interp.capture(llama, x, sites="logits")
     assert (tr["logits"] - interp.capture(llama, x, sites=["logits", "blocks.*.attn.logits"])["logits"]).abs().max() <= 1e-6
+
+
+# ------------------------------------------------------------------------- regressions
+def _cached_vs_recomputed(model, prompt_ids, s, n=4):
+    """Greedy generation with the KV cache under ``s``, and each step's logits recomputed without a cache on the
+    sequence so far (same prompt roles): [(cached logits, recomputed logits)]."""
+    batch = model.encode({"input_ids": prompt_ids})
+    with interp.patch(model, s), model.engine.running(batch), torch.no_grad():
+        out = model.hf.generate(**batch.model_inputs(), max_new_tokens=n, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True, pad_token_id=0)
+        pairs = []
+        for i, step in enumerate(out.logits):
+            seq = out.sequences[:, :prompt_ids.shape[1] + i]
+            pairs.append((step, model.hf(input_ids=seq, use_cache=False).logits[:, -1]))
+    return pairs
+
+
+def test_cached_generation_under_a_position_edit_equals_recompute(smol):
+    """Regression: transformers passes the cache as ``cache``, not ``past_key_values``, so the offset stayed 0
+    and a position-0 edit hit every generated token."""
+    ids = smol.encode("The capital of France is").input_ids
+    v = torch.randn(smol.d_model, generator=torch.Generator().manual_seed(0)) * 20
+    s = spec(smol, interp.ops.resid_add([3], v, positions=0))
+    for cached, full in _cached_vs_recomputed(smol, ids, s):
+        assert (cached - full).abs().max() <= 1e-3
+
+
+def test_cache_offset_is_read_from_what_the_model_receives(smol):
+    """Fails loudly if transformers changes how the cache reaches the language model again."""
+    from interp.patch import cache_offset
+    seen = []
+    h = smol.adapter.lm.register_forward_pre_hook(lambda m, a, k: seen.append(cache_offset(a, k)), with_kwargs=True)
+    try:
+        smol.generate("The capital of France is", max_new_tokens=3)
+    finally:
+        h.remove()
+    n = len(smol.encode("The capital of France is").input_ids[0])
+    assert seen == [0, n, n + 1]
+
+
+def test_patches_exited_out_of_order_keep_each_others_edits(llama):
+    """Regression: engine.using dropped every hook added after the one that left (``del hooks[n:]``)."""
+    x = ids_batch()
+    a = spec(llama, {"op": "attn.head_scale", "layers": [0], "factor": 0.3})
+    b = spec(llama, {"op": "attn.knockout", "layers": [1], "queries": "last", "keys": "1:6"})
+    with interp.patch(llama, b):
+        only_b = logits(llama, x)
+    pa, pb = interp.patch(llama, a), interp.patch(llama, b)
+    pa.__enter__()
+    pb.__enter__()
+    pa.__exit__(None, None, None)  # the outer one leaves first
+    try:
+        assert torch.equal(logits(llama, x), only_b)
+    finally:
+        pb.__exit__(None, None, None)
+    assert llama.engine.hooks == []
+
+
+def test_a_second_thread_is_refused_while_a_patch_is_active(llama):
+    """Regression: a forward in another thread ran under the active patch, and two threads capturing mixed rows."""
+    import threading
+    x = ids_batch()
+    base = logits(llama, x)
+    inside, release, errors = threading.Event(), threading.Event(), []
+
+    def holder():
+        with interp.patch(llama, spec(llama, {"op": "attn.head_scale", "layers": "all", "factor": 0.0})):
+            inside.set()
+            release.wait(30)
+
+    def other():
+        for run in (lambda: logits(llama, x), lambda: interp.capture(llama, x, sites="logits")):
+            try:
+                run()
+                errors.append(None)
+            except InterpError as e:
+                errors.append(str(e))
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert inside.wait(30)
+        t2 = threading.Thread(target=other)
+        t2.start()
+        t2.join(30)
+    finally:
+        release.set()
+        t.join(30)
+    assert len(errors) == 2 and all(e and "another thread" in e for e in errors)
+    assert torch.equal(logits(llama, x), base)  # and the model is free again, unpatched
+
+
+def test_knocking_out_every_key_of_a_row_keeps_the_row(llama):
+    """Regression: blocking every visible key made the row uniform; it now keeps its distribution."""
+    x = ids_batch()
+    A = interp.capture(llama, x, sites="blocks.1.attn.pattern")["blocks.1.attn.pattern"]
+    s = spec(llama, {"op": "attn.knockout", "layers": [1], "queries": [5], "keys": "all"},
+             {"op": "attn.knockout", "layers": [1], "queries": [7], "keys": "0:4"},
+             {"op": "attn.scale_weights", "layers": [1], "queries": [7], "keys": "4:", "factor": 0.0})
+    with interp.patch(llama, s):
+        B = interp.capture(llama, x, sites="blocks.1.attn.pattern")["blocks.1.attn.pattern"]
+    assert (B[0, :, 5] - A[0, :, 5]).abs().max() <= 1e-6  # one edit blocks all keys: row kept
+    assert (B[0, :, 7] - A[0, :, 7]).abs().max() <= 1e-6  # two edits together block all keys: row kept
+    assert (B[0, :, 6] - A[0, :, 6]).abs().max() <= 1e-6
+
+
+def _bad_specs(m):
+    v = torch.zeros(m.d_model)
+    return [
+        ({"op": "resid.add", "layers": [0], "tensor": "t"}, {"t": torch.zeros(m.d_model + 1)}, "shape"),
+        ({"op": "attn.head_ablate", "layers": [0], "mode": "mean", "tensor": "t"}, {"t": torch.zeros(3, 3)}, "shape"),
+        ({"op": "resid.add", "layers": [0], "tensor": "t"}, {"t": v.clone().fill_(float("nan"))}, "NaN"),
+        ({"op": "attn.add_logit_bias", "layers": [0], "tensor": "t"}, {"t": torch.full((4, 4), float("inf"))}, "NaN"),
+        ({"op": "resid.add", "layers": [0], "tensor": "t"}, {"t": v + 1e30}, "values up to"),
+        ({"op": "attn.head_scale", "layers": [0], "factor": 1e30}, {}, "factor"),
+        ({"op": "resid.add", "layers": [0], "tensor": "t", "scale": 1e300}, {"t": v}, "scale"),
+        ({"op": "attn.amplify", "layers": [0], "keys": "all", "alpha": 1e20}, {}, "alpha"),
+        ({"op": "attn.add_logit_bias", "layers": [0], "distance": {"fn": "linear", "d0": 0.0}}, {}, "distance"),
+        ({"op": "attn.add_logit_bias", "layers": [0], "distance": {"fn": "linear", "d0": -2.0}}, {}, "distance"),
+        ({"op": {"a": 1}, "layers": [0]}, {}, "unknown op"),
+        ({"op": ["attn.knockout"], "layers": [0]}, {}, "unknown op"),
+        ({"op": "resid.add", "layers": [0], "tensor": "t"}, {"t": torch.zeros(m.d_model, dtype=torch.long)}, "floating"),
+    ]
+
+
+def test_malformed_specs_are_refused_before_any_forward(llama):
+    """Regression: unchecked sidecar shapes and values, sink.dims range, a dict/list op, d0 ≤ 0, huge scales."""
+    calls = []
+    h = llama.adapter.lm.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for edit, tensors, msg in _bad_specs(llama):
+            with pytest.raises(InterpError, match=msg):
+                s = Spec(llama.identity(), [edit], {}, tensors)
+                s.validate()
+                s.check(llama)
+        with pytest.raises(InterpError, match="sink.dims"):
+            spec(llama, {"op": "attn.knockout", "layers": [0], "queries": "all", "keys": "sink"},
+                 sink={"dims": [llama.d_model], "tau": 5.0})
+    finally:
+        h.remove()
+    assert calls == []
+
+
+def test_malformed_json_is_an_interp_error():
+    """Regression: non-UTF-8 bytes, deep nesting and 5000-digit numbers escaped as raw exceptions."""
+    for text, msg in [(b'{"schema": "\xff\xfe"}', "UTF-8"), ("[" * 100000 + "]" * 100000, "nested|JSON"),
+                      ('{"schema": ' + "9" * 5000 + "}", "JSON"), ('{"a": 1e999999}', "schema")]:
+        with pytest.raises(InterpError, match=msg):
+            Spec.from_json(text)
+
+
+def test_the_largest_accepted_values_stay_finite_and_overflow_is_refused_at_run_time(llama):
+    from interp.ops import MAX_ACT, MAX_GAIN
+    s = spec(llama, {"op": "attn.head_scale", "layers": "all", "factor": MAX_GAIN},
+             {"op": "resid.add", "layers": [0, 1, 2], "tensor": "t", "scale": MAX_GAIN},
+             tensors={"t": torch.full((llama.d_model,), MAX_ACT)})
+    x = ids_batch()
+    with interp.patch(llama, s):
+        assert torch.isfinite(logits(llama, x)).all()
+    with pytest.raises(InterpError, match="NaN/inf"):  # what no range can rule out: a Python edit
+        with interp.patch(llama, hooks={"blocks.1.mlp.out": lambda t: t * float("inf")}):
+            logits(llama, x)
+    assert llama.engine.hooks == [] and torch.isfinite(logits(llama, x)).all()
+
+
+def test_builders_equal_dict_edits_and_hooks_equal_ops(llama, tmp_path):
+    v = torch.randn(llama.d_model)
+    made = spec(llama, interp.ops.head_scale([1], 0.5, heads=[2]), interp.ops.knockout([0], "last", "1:3"),
+                interp.ops.resid_add([2], v, positions="last", scale=2.0))
+    name = made.edits[2]["tensor"]
+    by_dict = spec(llama, {"op": "attn.head_scale", "layers": [1], "heads": [2], "factor": 0.5},
+                   {"op": "attn.knockout", "layers": [0], "queries": "last", "keys": "1:3"},
+                   {"op": "resid.add", "layers": [2], "positions": "last", "tensor": name,
+                    "scale": 2.0}, tensors={name: v})
+    assert made.edits == by_dict.edits and torch.equal(made.tensors[name], by_dict.tensors[name])
+    x = ids_batch()
+    with interp.patch(llama, made):
+        want = logits(llama, x)
+    d = llama.head_dim
+
+    def scale_head(z):  # z [b, q, h, d]
+        z = z.clone()
+        z[:, :, 2] *= 0.5
+        return z
+
+    def add_last(h):
+        h = h.clone()
+        h[:, -1] += 2.0 * v
+        return h
+    with interp.patch(llama, spec(llama, interp.ops.knockout([0], "last", "1:3")),
+                      hooks={"blocks.1.attn.z": scale_head, "blocks.2.resid_post": add_last}) as p:
+        got = logits(llama, x)
+        with pytest.raises(InterpError, match="cannot be serialised"):
+            p.save(tmp_path / "x.json")
+    assert (got - want).abs().max() <= 1e-6
+    assert llama.engine.hooks == [] and d > 0
