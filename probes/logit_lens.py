@@ -163,12 +163,12 @@ class LogitLens(Analysis):
             return f"Read through the logit lens, no target enters the top {k} at any of the {L} layers."
         med = entered[(len(entered) - 1) // 2]
         if len(final) == 1:
-            return (f"Read through the logit lens, the target enters the top {k} at layer {med} (of 0–{L - 1}) and "
-                    f"{'is' if n_top1 else 'is not'} the model's top-1 token at the last layer.")
+            return (f"Read through the logit lens, the target first enters the top {k} at layer {med} (the last layer "
+                    f"is {L - 1}) and {'is' if n_top1 else 'is not'} the model's top-1 token at the last layer.")
         never = len(first) - len(entered)
-        return (f"Read through the logit lens, the {len(final)} targets enter the top {k} at layer {med} (of 0–{L - 1}; "
-                f"median{f', {never} never do' if never else ''}), and {n_top1} of {len(final)} are the model's "
-                f"top-1 token at the last layer.")
+        return (f"Read through the logit lens, the {len(final)} targets first enter the top {k} at layer {med} "
+                f"(median{f'; {never} never do' if never else ''}; the last layer is {L - 1}), and {n_top1} of "
+                f"{len(final)} are the model's top-1 token at the last layer.")
 
 
 logit_lens = LogitLens()

@@ -78,7 +78,8 @@ def test_default_run_is_the_scan_on_the_built_in_facts(smol):
     first = sorted(int(torch.nonzero(r < 10)[0]) for r in rank if (r < 10).any())
     n_top1 = int((rank[:, -1] == 0).sum())
     print(f.explain())
-    assert f"at layer {first[(len(first) - 1) // 2]} (of 0–{smol.n_layers - 1}" in f.explain()
+    assert f"enter the top 10 at layer {first[(len(first) - 1) // 2]} (median" in f.explain()
+    assert f"the last layer is {smol.n_layers - 1})" in f.explain()
     assert f"{n_top1} of {len(fs)} are the model's top-1 token" in f.explain()
 
 
