@@ -2,7 +2,8 @@
 
 Sites (TransformerLens-style names): ``embed``, ``blocks.{l}.resid_pre``, ``blocks.{l}.attn.logits``
 [b,h,q,k], ``blocks.{l}.attn.pattern`` [b,h,q,k], ``blocks.{l}.attn.z`` [b,q,h,d] (per-head output
-before the output projection), ``blocks.{l}.attn.out``, ``blocks.{l}.mlp.out``,
+before the output projection), ``blocks.{l}.attn.out``, ``blocks.{l}.mlp.in`` (the MLP's input: the
+post-attention norm's output), ``blocks.{l}.mlp.out``,
 ``blocks.{l}.resid_post``, ``final`` (after the final norm), ``logits``. Select them by exact name,
 glob (``blocks.*.attn.pattern``) or a callable on the name.
 
@@ -35,14 +36,14 @@ from .roles import Batch
 from .trace import Trace, split_site
 
 ATTN_KINDS = ("attn.logits", "attn.pattern", "attn.z")
-RESID_KINDS = ("resid_pre", "attn.out", "mlp.out", "resid_post")
+RESID_KINDS = ("resid_pre", "attn.out", "mlp.in", "mlp.out", "resid_post")
 GLOBAL_SITES = ("embed", "final", "logits")
 
 
 def site_names(n_layers: int) -> list[str]:
     names = ["embed"]
     for l in range(n_layers):
-        names += [f"blocks.{l}.{k}" for k in ("resid_pre",) + ATTN_KINDS + ("attn.out", "mlp.out", "resid_post")]
+        names += [f"blocks.{l}.{k}" for k in ("resid_pre",) + ATTN_KINDS + ("attn.out", "mlp.in", "mlp.out", "resid_post")]
     return names + ["final", "logits"]
 
 
@@ -73,7 +74,7 @@ def _unknown_site(s: str, n_layers: int) -> str:
     if m and int(m.group(1)) >= n_layers:
         return f"layer {m.group(1)} is out of range in site {s!r}: the model has {n_layers} layers (0..{n_layers - 1})"
     kinds = ", ".join(("embed",) + tuple(f"blocks.{{l}}.{k}" for k in ("resid_pre",) + ATTN_KINDS
-                                         + ("attn.out", "mlp.out", "resid_post")) + ("final", "logits"))
+                                         + ("attn.out", "mlp.in", "mlp.out", "resid_post")) + ("final", "logits"))
     return f"unknown site {s!r}; sites are {kinds} (globs such as 'blocks.*.attn.pattern' work)"
 
 
@@ -296,6 +297,7 @@ class _CaptureHook:
         self.reducer_layers = layers if layers is not None else [None] * len(reducers)
         self.grad = grad
         self.store: dict[str, list[torch.Tensor]] = {}
+        self.seen: set[int] = set()  # layers whose attention ran through the engine
 
     def needs(self, layer):
         kinds = self.by_layer.get(layer, set())
@@ -330,9 +332,11 @@ class _CaptureHook:
         self.store.setdefault(name, []).append(t)
 
     def on_logits(self, layer, logits, call):
+        self.seen.add(layer)
         self._keep(f"blocks.{layer}.attn.logits", logits)  # copied: logit edits may follow
 
     def on_weights(self, layer, weights, call):
+        self.seen.add(layer)
         if "attn.pattern" in self.by_layer.get(layer, ()):
             self._keep(f"blocks.{layer}.attn.pattern", weights, copy=False)
         for i, r in enumerate(self.reducers):
@@ -344,6 +348,7 @@ class _CaptureHook:
         return ls is None or layer in ls
 
     def on_z(self, layer, z, call, v, weights):
+        self.seen.add(layer)
         self._keep(f"blocks.{layer}.attn.z", z)
 
     def logit_bias(self, *a):
@@ -426,9 +431,17 @@ def capture(model, inputs, sites=None, reducers: Sequence[Reducer] = (), *, laye
                 handles.append(ad.attn[l].register_forward_hook(keep(n), with_kwargs=True))
             elif k == "mlp.out":
                 handles.append(ad.mlp[l].register_forward_hook(keep(n), with_kwargs=True))
+            elif k == "mlp.in":  # the MLP's input: the post-attention norm's output (Llama's post_attention_layernorm)
+                handles.append(ad.mlp[l].register_forward_pre_hook(keep_input(n), with_kwargs=True))
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx, model.engine.running(batch), model.engine.using(hook):
             out = model.hf(**batch.model_inputs(), use_cache=False)  # a capture never continues: no KV cache to hold
+        missed = [l for l in range(model.n_layers) if hook.needs(l) and l not in hook.seen]
+        if missed:
+            raise InterpError(f"the attention of layers {missed[:8]} did not run through interp's attention function, "
+                              "so what was asked of it cannot be captured (the attention modules were replaced or "
+                              "compute attention themselves, e.g. after a TransformerLens bridge or a custom "
+                              f"patch of {type(model.adapter.attn[missed[0]]).__name__}); load the plain HF model")
         values: dict = {}
         for n in names:  # keep the requested order
             if n in hook.store:

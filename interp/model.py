@@ -208,6 +208,11 @@ def load(source: Any = "smollm2", *, dtype: torch.dtype | None = None, device: s
     Files and hub ids load in ``dtype`` (float32 when not given)."""
     if isinstance(source, Model):
         return source
+    if _is_nnsight(source):  # an nnsight LanguageModel / NNsight wraps the HF module without changing it
+        if getattr(source, "dispatched", True) is False and hasattr(source, "dispatch"):
+            source.dispatch()  # weights are on the meta device until dispatched
+        tokenizer = tokenizer if tokenizer is not None else getattr(source, "tokenizer", None)
+        source = source._module
     if isinstance(source, nn.Module):
         hf, tok, src = _from_object(source, tokenizer)
         name = name or getattr(hf.config, "_name_or_path", None) or type(hf).__name__
@@ -226,12 +231,24 @@ def load(source: Any = "smollm2", *, dtype: torch.dtype | None = None, device: s
     return Model(hf=hf, tokenizer=tok, adapter=adapter_for(hf), name=str(name), source=src)
 
 
+def _is_nnsight(obj) -> bool:
+    return type(obj).__module__.split(".")[0] == "nnsight" and isinstance(getattr(obj, "_module", None), nn.Module)
+
+
 def _from_object(obj: nn.Module, tokenizer):
     cls = type(obj).__name__
-    if cls == "TransformerBridge":  # TransformerLens 4.x wraps an HF model; hook the model itself
+    if cls == "TransformerBridge":  # TransformerLens 4.x wraps an HF model
         hf = getattr(obj, "original_model", None)
         if hf is None:
             raise InterpError("this TransformerBridge exposes no original_model; pass the HF model instead")
+        bridged = sorted({type(m).__name__ for m in hf.modules() if type(m).__module__.startswith("transformer_lens")})
+        if bridged:
+            raise InterpError(
+                f"this TransformerBridge has replaced the model's layers with its own components ({', '.join(bridged[:4])}), "
+                "which compute attention themselves instead of through transformers' attention interface, so interp "
+                "could neither capture nor edit it exactly (attention sites would come back empty). Load the HF "
+                "checkpoint with interp.load (a folder, hub id or a fresh HF model object), or read attention "
+                "through the bridge's own hooks (run_with_cache: blocks.{l}.attn.hook_pattern)")
         return hf, tokenizer or getattr(obj, "tokenizer", None), "transformer_lens.TransformerBridge"
     if cls == "HookedTransformer":
         raise InterpError("a TransformerLens 3.x HookedTransformer re-implements the model, so its attention "
