@@ -32,7 +32,7 @@ def test_capture_equals_hf_on_testbed(testbed):
         sdpa = copy.deepcopy(m.hf)
         sdpa.set_attn_implementation("sdpa")
         r_sdpa = sdpa(**inp)
-        idle = m.hf(**inp).logits
+        idle = m.logits(inp)  # the idle interp model (m.hf itself runs the eager attention it was loaded with)
     tr = interp.capture(m, inp, sites=["blocks.*.attn.pattern", "logits"])
     assert len(tr.roles[0]["image"]) == 64
     for l in range(m.n_layers):
