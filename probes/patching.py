@@ -143,7 +143,7 @@ class PatchingSweep(Analysis):
 
     name = "probes.patching"
     title = "Activation-patching sweep"
-    in_scan = True
+    in_scan = False  # hundreds of forwards (patching) / L backward passes (GradDrop): run on request
     figures = (_static.patching_sweep, _interactive.patching_sweep)
 
     @torch.no_grad()
