@@ -248,9 +248,9 @@ class Entropy(Reducer):
 
     def finish(self):
         out = {}
-        valid = self._batch.attention_mask.bool()[:, None, :]  # [b, 1, T]: padded queries never count
         for l, st in self._state.items():
             H, nvis = st["H"], st["nvis"]
+            valid = self._batch.attention_mask.bool()[:, None, :].to(H.device)  # [b, 1, T]: padded queries never count
             Hn = torch.where(nvis > 1, H / torch.log(nvis.clamp_min(2)), 0.0)
             out[f"blocks.{l}.attn.entropy"] = torch.where(valid, H, 0.0)  # padded rows may hold inf/nan
             out[f"blocks.{l}.attn.entropy_norm"] = torch.where(valid, Hn, 0.0)
@@ -376,7 +376,11 @@ def _gb(n: int) -> str:
 
 def capture(model, inputs, sites=None, reducers: Sequence[Reducer] = (), *, layers: Iterable[int] | None = None,
             grad: bool = False, max_memory: int | None = None, **encode_kw) -> Trace:
-    """Run ``model`` on ``inputs`` once; return a :class:`Trace` of the requested sites and reducers."""
+    """Run ``model`` on ``inputs`` once; return a :class:`Trace` of the requested sites and reducers.
+
+    ``inputs``: anything :meth:`Model.encode` takes (text, chat messages, token ids, a dict with a left- or
+    right-padded or 4-D mask, a Batch); it runs right-padded on the model's device. ``layers`` restricts the
+    sites and the reducers to those layers for this capture only (the reducers are not changed)."""
     from .model import Model
     if not isinstance(model, Model):
         raise InterpError(f"capture needs an interp Model (from interp.load), got {type(model).__name__}")
