@@ -50,7 +50,8 @@ class Entropy(Analysis):
         score = (Hn * w).sum((1, 3)) / w.sum((1, 3))  # [L, H]
         L, H = score.shape
         table = pd.DataFrame({"layer": torch.arange(L).repeat_interleave(H).numpy(),
-                              "head": torch.arange(H).repeat(L).numpy(), "entropy": score.reshape(-1).numpy(), "uniform": (score > eta).reshape(-1).numpy()})
+                              "head": torch.arange(H).repeat(L).numpy(), "entropy": score.reshape(-1).numpy(),
+                              "uniform": (score > eta).reshape(-1).numpy()})
         uni = table[table.uniform]
         metrics = {"eta": eta, "n_uniform": int(len(uni)), "uniform_layers": sorted(uni.layer.unique().tolist()),
                    "mean_entropy_by_layer": [round(float(x), 3) for x in score.mean(1)],

@@ -231,9 +231,10 @@ class Massive(Analysis):
             return (f"No activation exceeds {m['threshold']:g} and {m['ratio']:g}× its layer's median at a few tokens "
                     "in any layer.")
         dims = ", ".join(map(str, m["dims"]))
+        toks = m["first_layer_tokens"]
         s = (f"Massive activations (up to {m['max_abs']:,.0f}, {m['max_ratio']:,.0f}× the layer median) appear from "
              f"layer {m['first_layer']} on in dim{'s' if len(m['dims']) > 1 else ''} {dims} at "
-             f"{'token 0' if m['first_layer_tokens'] == [0] else 'tokens ' + ', '.join(map(str, m['first_layer_tokens']))}")
+             f"{'token 0' if toks == [0] else 'tokens ' + ', '.join(map(str, toks))}")
         if "ppl" in m:
             s += (f"; setting them to zero raises perplexity from {m['ppl']:.1f} to {m['ppl_set_zero']:.3g}, setting "
                   f"them to their mean changes it by {100 * m['set_mean_rel_change']:+.2f} %")

@@ -42,8 +42,8 @@ class SecondarySinks(Analysis):
     def explain(self, finding: Finding) -> str:
         m = finding.metrics
         life = m["bos_lifetime"]
-        s = (f"The first-token sink stays aligned for {min(life)}–{max(life)} layers" if life and min(life) != max(life)
-             else f"The first-token sink stays aligned for {life[0]} layers" if life else "No first-token sink is found")
+        span = f"{min(life)}–{max(life)}" if life and min(life) != max(life) else str(life[0]) if life else ""
+        s = f"The first-token sink stays aligned for {span} layers" if life else "No first-token sink is found"
         if not m["n_secondary"]:
             return s + f" and no secondary sink appears in {m['n_prompts']} prompts."
         toks = ", ".join(repr(t) for t in m["secondary_tokens"][:5])

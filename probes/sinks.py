@@ -147,7 +147,8 @@ class Sinks(Analysis):
     def explain(self, finding: Finding) -> str:
         m = finding.metrics
         return (f"Token 0 is an attention sink (α > {m['epsilon']:g}) in {m['sink_rate_token0']:.1f} % of "
-                f"(prompt, layer, head) triples and in {m['n_sink_heads']} heads on average over the prompts; "
+                f"(prompt, layer, head) triples ({m['n_sink_heads']} of {len(finding.table)} heads by their mean α "
+                f"over {m['n_prompts']} prompts); "
                 f"{m['sink_rate_token0_repeated']:.1f} % when one token is repeated; no later token is a sink in more "
                 f"than {m['sink_rate_token1_to_7_max']:.1f} %.")
 

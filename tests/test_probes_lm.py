@@ -27,6 +27,7 @@ def test_sink_metric_matches_hf_output_attentions(smol, sink_finding):
     assert f.metrics["sink_rate_token0_layers_ge2"] > 70.0
     assert f.metrics["sink_rate_token0_repeated"] < 5.0
     assert f.metrics["sink_rate_token1_to_7_max"] < 5.0
+    assert f"{f.metrics['sink_rate_token0']:.1f} %" in f.explain() and "over 11 prompts" in f.explain()
     # independent computation from HF eager output_attentions on two of the prompts
     ref = copy.deepcopy(smol.hf)
     ref.set_attn_implementation("eager")
