@@ -173,3 +173,19 @@ def test_reducer_reused_after_a_layer_restricted_capture_keeps_its_own_layers(sm
     tr = interp.capture(smol, PROMPTS[0], reducers=[own], layers=[2, 3])
     assert tr.layers("attn.key_mass") == [2] and own.layers == [2, -1]
     assert interp.capture(smol, PROMPTS[0], reducers=[own]).layers("attn.key_mass") == [2, smol.n_layers - 1]
+
+
+def test_4d_full_mask_of_a_bidirectional_model():
+    """A masked-diffusion LM attends both ways: its plain 4-D mask is the full one with padding."""
+    from tests.conftest import load_testbed_model
+    m, _, _ = load_testbed_model("llada_diffusion")
+    assert not m.adapter.causal
+    ids = torch.randint(5, 20, (2, 10), generator=torch.Generator().manual_seed(0))
+    am = torch.ones(2, 10, dtype=torch.long)
+    am[0, 7:] = 0
+    ref = interp.capture(m, {"input_ids": ids, "attention_mask": am}, sites=["blocks.*.attn.pattern", "logits"])
+    full = am.bool()[:, None, None, :].expand(2, 1, 10, 10)
+    _assert_same(interp.capture(m, {"input_ids": ids, "attention_mask": full}, sites=["blocks.*.attn.pattern",
+                                                                                    "logits"]), ref)
+    with pytest.raises(InterpError, match="not the plain full"):
+        m.encode({"input_ids": ids, "attention_mask": full & torch.ones(10, 10).tril().bool()})
