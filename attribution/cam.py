@@ -3,10 +3,14 @@ the cliff layer and the truncation test. Zhang et al., "From Redundancy to Relev
 in LVLMs Across Reasoning Tasks" (NAACL'25; zhangbaijin/From-Redundancy-to-Relevance,
 demo_smooth_grad_threshold.py), after Grad-CAM (Selvaraju et al., ICCV'17). METHODS §5.
 
-Features F^l ∈ R^{n×C}: the residual stream at the n image tokens entering block l (``site="resid_pre"``,
-default; layer 0 is the projected image itself) or leaving it (``"resid_post"``), on the h×w patch grid.
-Target y = the logit of the answer's first token at the last position (a batch sums its rows' targets;
-rows do not interact, so each row gets its own gradient).
+Features F^l ∈ R^{n×C} at the n image tokens of block l, on the h×w patch grid: by default the output of the
+block's post-attention norm (``site="mlp.in"``, the MLP's input: where the source's code hooks
+``post_attention_layernorm``), or the residual stream entering the block (``"resid_pre"``; layer 0 is the
+projected image itself) or leaving it (``"resid_post"``).
+Target y = Σ_j logit of the answer's j-th token at the position that predicts it (the answer teacher-forced
+after the prompt, as the source targets every answer token); with one token per row, the logit of that token
+at the answer query (the ``query`` role, else the last token). A batch sums its rows' targets; rows do not
+interact, so each row gets its own gradient.
 
     Grad-CAM      α_c = (1/n) Σ_u ∂y/∂F_{u,c},   CAM_u = Σ_c α_c F_{u,c}          (``raw``: = captum LayerGradCam)
     "gradcam"     ReLU(CAM)
@@ -40,7 +44,7 @@ from interp import vlm
 from interp.analysis import Analysis
 from interp.capture import QueryRow, RoleMass
 from interp.finding import Finding, digest
-from interp.roles import Batch
+from interp.roles import Batch, Roles
 from viz import interactive as _interactive
 from viz import static as _static
 
@@ -80,16 +84,44 @@ def _with_noise(batch: Batch, n: int, sigma: float, seed: int) -> Batch:
                  [t for t in batch.tokens for _ in range(n)], [], {**batch.extra, "pixel_values": noisy})
 
 
-def cam_maps(model: interp.Model, inputs, target: Sequence[int] | int | None = None, *,
-             layers: Sequence[int] | None = None, site: str = "resid_pre", smooth: int = 0, sigma: float = 0.1,
-             seed: int = 0, threshold: float = 0.5) -> dict[str, torch.Tensor]:
+SITES = ("mlp.in", "resid_pre", "resid_post")
+
+
+def _teacher_force(batch: Batch, answers: list[list[int]]) -> Batch:
+    """Each row with all but the last of its answer tokens appended after its real tokens (roles unchanged; the
+    ``query`` role, the last prompt token unless the row has one, stays where the answer's first token is read)."""
+    rows = [batch.input_ids[i, :n].tolist() + a[:-1] for i, (n, a) in enumerate(zip(batch.lengths, answers))]
+    T = max(map(len, rows))
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    am = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], am[i, :len(r)] = torch.tensor(r), 1
+    roles = [Roles({**r, "query": r.get("query") or [r.length - 1]}, length=len(row)) for r, row in zip(batch.roles, rows)]
+    return Batch(ids, am, roles, batch.tokens, batch.texts, batch.extra)
+
+
+def cam_maps(model: interp.Model, inputs, target=None, *, layers: Sequence[int] | None = None, site: str = "mlp.in",
+             smooth: int = 0, sigma: float = 0.1, seed: int = 0, threshold: float = 0.5) -> dict[str, torch.Tensor]:
     """Every map of the module docstring from one forward and backward.
 
-    Returns ``{method: [B, L, n] for METHODS, "raw": [B, L, n], "share_image"/"share_bos"/"share_text": [B, L],
-    "target": [B]}``; ``target`` defaults to the model's own argmax at the last position."""
-    if site not in ("resid_pre", "resid_post"):
-        raise interp.InterpError(f"site must be 'resid_pre' or 'resid_post', got {site!r}")
+    ``target``: a token id (every row), one per row, or one list of answer tokens per row (all of them targeted,
+    teacher-forced; causal models). Returns ``{method: [B, L, n] for METHODS, "raw": [B, L, n],
+    "share_image"/"share_bos"/"share_text": [B, L], "target": [B]}`` (the first target token); ``target``
+    defaults to the model's own argmax at the answer query."""
+    if site not in SITES:
+        raise interp.InterpError(f"site must be one of {SITES}, got {site!r}")
     batch = _encode(model, inputs)
+    answers = None
+    if target is not None and not isinstance(target, int) and any(isinstance(t, (list, tuple)) for t in target):
+        answers = [list(t) if isinstance(t, (list, tuple)) else [int(t)] for t in target]
+        if len(answers) != len(batch) or not all(answers):
+            raise interp.InterpError("give one non-empty list of answer tokens per row")
+        if any(len(a) > 1 for a in answers):
+            if not model.adapter.causal:
+                raise interp.InterpError("several answer tokens are teacher-forced after the prompt, which needs a "
+                                         "causal model; give one target token per row")
+            batch = _teacher_force(batch, answers)
+        target = [a[0] for a in answers]
     img = [r.get("image", []) for r in batch.roles]
     if not all(img):
         raise interp.InterpError(f"LLaVA-CAM needs image tokens (role 'image'), and these inputs to {model.name} have "
@@ -111,6 +143,9 @@ def cam_maps(model: interp.Model, inputs, target: Sequence[int] | int | None = N
     else:
         tgt = torch.as_tensor([target] * B if isinstance(target, int) else list(target)).long()
     y = logits[rows, last, tgt.repeat_interleave(n_copies)].sum()
+    for i, a in enumerate(answers or []):  # the later answer tokens, each where it is predicted
+        for j, t in enumerate(a[1:], 1):
+            y = y + logits[i * n_copies:(i + 1) * n_copies, last[i * n_copies] + j, t].sum()
     y.backward(inputs=[tr[n] for n in names])
     pos = torch.tensor([p for r in run.roles for p in r["image"]]).view(len(run), -1)  # [B*N, n]
     gather = lambda t: t[rows[:, None], pos]  # noqa: E731  [B*N, T, C] -> [B*N, n, C]
@@ -180,7 +215,7 @@ class Cam(Analysis):
     figures = (_static.image_map, _interactive.image_map)
 
     def run(self, model: interp.Model, inputs=None, target: int | None = None, *, method: str = "gradcam",
-            layers: Sequence[int] | None = None, site: str = "resid_pre", smooth: int = 0, sigma: float = 0.1,
+            layers: Sequence[int] | None = None, site: str = "mlp.in", smooth: int = 0, sigma: float = 0.1,
             f: float = 0.2, image: torch.Tensor | None = None, truncation: tuple[Sequence, Sequence] | None = None,
             seed: int = 0) -> Finding:
         """LLaVA-CAM of one image + prompt: maps [L, h, w] (``method`` of METHODS), attention shares, cliff layer,
@@ -256,12 +291,15 @@ def testbed_batches(tokenizer, meta: dict, items: Sequence, batch_size: int = 64
 
 
 def item_maps(model: interp.Model, items: Sequence[vlm.VQAItem], batch_size: int = 64, **kw) -> dict[str, torch.Tensor]:
-    """:func:`cam_maps` for every VQAItem, target = the first token of its answer; [N, L, n]."""
+    """:func:`cam_maps` for every VQAItem, target = every token of its answer (the first only with
+    ``first_token=True``); [N, L, n]."""
     items = vlm.as_items(items)
-    tgt = vlm.answer_ids(model, items)
+    first = kw.pop("first_token", False)
+    tgt = vlm.answer_token_ids(model, items)
+    tgt = [a[:1] if first else a for a in tgt]
     res: dict[str, torch.Tensor] = {}
     for i in range(0, len(items), batch_size):
-        for k, v in cam_maps(model, items[i:i + batch_size], tgt[i:i + batch_size].tolist(), **kw).items():
+        for k, v in cam_maps(model, items[i:i + batch_size], tgt[i:i + batch_size], **kw).items():
             res.setdefault(k, []).append(v)
     return {k: torch.cat(v) for k, v in res.items()}
 

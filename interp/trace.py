@@ -24,7 +24,7 @@ AXES = {
     "attn.topk_val": ("batch", "head", "query", "rank"),
     "attn.topk_idx": ("batch", "head", "query", "rank"),
     "resid_pre": ("batch", "token", "dim"), "resid_post": ("batch", "token", "dim"),
-    "attn.out": ("batch", "token", "dim"), "mlp.out": ("batch", "token", "dim"),
+    "attn.out": ("batch", "token", "dim"), "mlp.in": ("batch", "token", "dim"), "mlp.out": ("batch", "token", "dim"),
     "embed": ("batch", "token", "dim"), "final": ("batch", "token", "dim"), "logits": ("batch", "token", "vocab"),
 }
 _LAYER = re.compile(r"^blocks\.(\d+)\.(.+)$")

@@ -285,8 +285,8 @@ def answer_logits(model, batch: Batch, chunk: int = 128) -> torch.Tensor:
                       for i in range(0, len(batch), chunk)])
 
 
-def answer_ids(model, items: Sequence[VQAItem]) -> torch.Tensor:
-    """long [n]: the first token of each item's answer, as it follows the prompt."""
+def answer_token_ids(model, items: Sequence[VQAItem]) -> list[list[int]]:
+    """The tokens of each item's answer, as they follow its prompt."""
     tok = model.tokenizer
     out = []
     for it in as_items(items):
@@ -298,8 +298,13 @@ def answer_ids(model, items: Sequence[VQAItem]) -> torch.Tensor:
             k += 1
         if k >= len(full):
             raise InterpError(f"the answer {it.answer!r} adds no token after the prompt")
-        out.append(full[k])
-    return torch.tensor(out)
+        out.append(full[k:])
+    return out
+
+
+def answer_ids(model, items: Sequence[VQAItem]) -> torch.Tensor:
+    """long [n]: the first token of each item's answer, as it follows the prompt."""
+    return torch.tensor([a[0] for a in answer_token_ids(model, items)])
 
 
 def score_vqa(model, items: Sequence[VQAItem], *, logprob: bool | Sequence[bool] = False, gen_len: int | None = None,

@@ -42,12 +42,13 @@ class _ImageGrid(nn.Module):
         if self.where == "resid_pre":
             hidden_states = self.route(hidden_states)
         out = self.layer(hidden_states, *args, **kw)
-        if self.where == "resid_post":
+        if self.where in ("resid_post", "mlp.in"):
             out = (self.route(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else self.route(out)
         return out
 
 
-@pytest.mark.parametrize("site,layer", [("resid_pre", 0), ("resid_pre", 2), ("resid_post", 1)])
+@pytest.mark.parametrize("site,layer", [("mlp.in", 0), ("mlp.in", 1), ("resid_pre", 0), ("resid_pre", 2),
+                                        ("resid_post", 1)])
 def test_grad_cam_equals_captum(testbed, site, layer):
     from captum.attr import LayerGradCam
     m, tok, meta = testbed
@@ -61,13 +62,17 @@ def test_grad_cam_equals_captum(testbed, site, layer):
         ref_model.set_attn_implementation("eager")
         pos = torch.nonzero(inp["input_ids"][0] == m.adapter.image_token_id)[:, 0]
         layers = ref_model.model.language_model.layers
-        layers[layer] = _ImageGrid(layers[layer], pos, site)
+        if site == "mlp.in":  # the paper's site: the output of the block's post_attention_layernorm
+            block = layers[layer]
+            block.post_attention_layernorm = wrapped = _ImageGrid(block.post_attention_layernorm, pos, site)
+        else:
+            layers[layer] = wrapped = _ImageGrid(layers[layer], pos, site)
 
         def forward(px):
             return ref_model(input_ids=inp["input_ids"], pixel_values=px).logits[:, -1, target]
-        ref = LayerGradCam(forward, layers[layer].grid).attribute(inp["pixel_values"].clone())  # [1, 1, 8, 8]
+        ref = LayerGradCam(forward, wrapped.grid).attribute(inp["pixel_values"].clone())  # [1, 1, 8, 8]
         ref = ref.detach().reshape(-1)
-        assert ref.abs().max() > 1e-4  # a real map, not zeros on both sides
+        assert ref.abs().max() > 1e-6 and ref.std() > 1e-8  # a real map, not zeros or a constant on both sides
         assert (raw - ref).abs().max() <= 1e-5
         assert (raw - ref).abs().max() <= 1e-4 * ref.abs().max()
 
@@ -134,3 +139,19 @@ def test_localisation_and_truncation(testbed):
     assert acc[-1] < acc[m.n_layers - 1]
     assert f.metrics["cliff_layer"] == cliff_layer(f.metrics["attn_share_image"])
     assert f.plot() is not None
+
+
+def test_all_answer_tokens_are_targeted(testbed):
+    """The source targets every answer token: with the answer teacher-forced, Grad-CAM is linear in y, so the map of
+    y = logit(a at the query) + logit(b at the next position) is the sum of the two one-token maps."""
+    m, tok, meta = testbed
+    sc = next(s for s in make_dataset(20, seed=13, split="test") if s.question("caption"))
+    q = sc.question("caption")
+    a, b = (tok.convert_tokens_to_ids(w) for w in q.answer.split()[:2])
+    inp = build_inputs(tok, meta, sc, q)
+    both = cam_maps(m, inp, [[a, b]], layers=[0, 1])["raw"][0]
+    first = cam_maps(m, inp, a, layers=[0, 1])["raw"][0]
+    longer = dict(inp, input_ids=torch.cat([inp["input_ids"], torch.tensor([[a]])], 1))
+    longer.pop("attention_mask")
+    second = cam_maps(m, longer, b, layers=[0, 1])["raw"][0]
+    assert second.abs().max() > 1e-6 and torch.allclose(both, first + second, atol=1e-6, rtol=1e-4)
