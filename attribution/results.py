@@ -31,7 +31,7 @@ def main() -> None:
     from interp.testbed import load_testbed
     hf, tok, meta = load_testbed("llava_ar")
     ar = interp.load(hf, tokenizer=tok, name="testbed-llava-ar")
-    f = cam.cam_localisation(ar, n_scenes=args.scenes)
+    f = cam.cam_localisation(ar, n_scenes=args.scenes, site="resid_pre", first_token=True)  # the tables' protocol
     print(f"## LLaVA-CAM localisation (AR testbed, {f.metrics['n_items']} items)\n\n{_md(f.table)}\n")
     print(f"attention share (image / bos / text) per layer: "
           f"{[round(x, 3) for x in f.metrics['attn_share_image']]} / {[round(x, 3) for x in f.metrics['attn_share_bos']]}"

@@ -113,7 +113,7 @@ def test_localisation_and_truncation(testbed):
     """≥ 200 held-out items: which maps beat which reference (measured, with 95% bootstrap CIs)."""
     from attribution.cam import cam_localisation
     m, tok, meta = testbed
-    f = cam_localisation(m, n_scenes=70, n_boot=500)
+    f = cam_localisation(m, n_scenes=70, n_boot=500, site="resid_pre", first_token=True)  # as in RESULTS.md
     t = f.table
     assert f.metrics["n_items"] >= 200 and (t.n == f.metrics["n_items"]).all()
     ref = t[t.layer == -1].set_index("method")
