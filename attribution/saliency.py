@@ -257,10 +257,11 @@ class Saliency(Analysis):
         if "S_pq_mean" in m:
             cross = m.get("first_layer_pq_above_wp")
             where = (f"the flow from the label words to the target first exceeds the flow into the label words in layer "
-                     f"{cross} on" if cross is not None else "the flow into the label words stays above their flow "
+                     f"{cross}" if cross is not None else "the flow into the label words stays above their flow "
                      "to the target in every layer")
-            return (f"Over {m['n_layers']} layers of a {m['T']}-token prompt, {where} (mean {m['S_pq_mean']:.2g} vs "
-                    f"{m['S_wp_mean']:.2g} per edge); the saliency peaks in layer {m['peak_layer']}.")
+            return (f"Over {m['n_layers']} layers of a {m['T']}-token prompt, {where} (layer means: "
+                    f"{m['S_pq_mean']:.2g} vs {m['S_wp_mean']:.2g} per edge); the saliency peaks in layer "
+                    f"{m['peak_layer']}.")
         return (f"Over {m['n_layers']} layers of a {m['T']}-token prompt, the attention × gradient saliency peaks in "
                 f"layer {m['peak_layer']}, and {share} of it lies on the {finding.params.get('near', 3)} tokens just "
                 f"before each query.")

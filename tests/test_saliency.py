@@ -121,6 +121,10 @@ def test_default_inputs_label_words_flows_and_label_loss(smol):
     print(text)
     assert text.endswith(".") and "layer" in text and "S_pq" not in text
     assert interp.analysis.get("attribution.saliency") is not None and f.analysis == "attribution.saliency"
+    import viz  # noqa: F401  (installs the figure view)
+    ax = next(a for a in f.plot().axes if a.get_title(loc="left") == "Label-word flows per layer")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["S_wp", "S_pq", "S_ww"]
+    assert [t.name for t in f.plot(interactive=True).data if t.type == "scatter"] == ["S_wp", "S_pq", "S_ww"]
 
 
 def _pattern(model, batch, layer, *specs):
@@ -198,19 +202,16 @@ def test_right_padded_row_equals_the_unpadded_sequence(smol):
     assert len(got.params["tokens"]) == T
 
 
-@pytest.mark.xfail(raises=interp.InterpError, strict=False,
-                   reason="model.encode does not take a bare tensor of ids yet (the core's encode is being extended)")
 def test_bare_id_tensor(smol):
+    """A bare tensor of ids ([T] or [1, T]) goes through model.encode like any other input."""
     b = smol.encode("The capital of France is Paris")
     ref = saliency(smol, b, layers=[1]).arrays["I"]
     for ids in (b.input_ids, b.input_ids[0]):
         assert (saliency(smol, ids, layers=[1]).arrays["I"] - ref).abs().max() <= 1e-6
 
 
-@pytest.mark.xfail(raises=interp.InterpError, strict=False,
-                   reason="model.encode keeps a left-padded dict's padding at the front; saliency refuses such a row "
-                          "until the core aligns it")
 def test_left_padded_dict(smol):
+    """A left-padded row gives the saliency of its real tokens (model.encode moves the padding to the end)."""
     b = smol.encode("The capital of France is Paris")
     ids, T = b.input_ids, b.input_ids.shape[1]
     ref = saliency(smol, b, layers=[1]).arrays["I"]

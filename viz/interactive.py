@@ -436,7 +436,7 @@ def saliency(finding, **kw) -> go.Figure:
     fig.update_xaxes(title_text="source", row=1, col=1, showgrid=False, zeroline=False, **_tick_axis(cl))
     fig.update_yaxes(title_text="target", autorange="reversed", row=1, col=1, showgrid=False, zeroline=False, **_tick_axis(rl))
     if curves:
-        _layer_curves(fig, df, 1, 2)
+        _layer_curves(fig, df, 1, 2, [c for c in ("S_wp", "S_pq", "S_ww") if c in df.columns] or None)
     n = max(A.shape)
     return _layout(fig, _h(title_of(finding)), max(460, min(1000, 18 * n + 220)))
 

@@ -864,8 +864,9 @@ def saliency(finding, max_labels: int = 48, **kw) -> Figure:
          ylabels=rl)
     axes[0].set_title(f"Saliency ({what})")
     if curves:
-        layer_curves(axes[1], df)
-        axes[1].set_title("Per layer")
+        flows = [c for c in ("S_wp", "S_pq", "S_ww") if c in df.columns]  # Label Words: the three flows
+        layer_curves(axes[1], df, flows or None, ylabel="mean saliency per edge" if flows else None)
+        axes[1].set_title("Label-word flows per layer" if flows else "Per layer")
     fig.suptitle(title_of(finding), x=0.01, ha="left")
     return fig
 
