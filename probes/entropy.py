@@ -39,13 +39,13 @@ class Entropy(Analysis):
         prompts = prompts or paragraphs()
         batch = model.encode(prompts)
         ids, am = batch.input_ids[:, :max_tokens], batch.attention_mask[:, :max_tokens]
-        tr = interp.capture(model, {"input_ids": ids, "attention_mask": am}, reducers=[interp.Entropy()])
-        Hn = tr.stack("attn.entropy_norm")  # [L, b, H, T]
         valid = am.bool().clone()
         valid[:, :min_query] = False
         if not valid.any():
             raise interp.InterpError(f"no prompt is longer than min_query={min_query} tokens: give longer prompts or "
                                      "lower min_query")
+        tr = interp.capture(model, {"input_ids": ids, "attention_mask": am}, reducers=[interp.Entropy()])
+        Hn = tr.stack("attn.entropy_norm")  # [L, b, H, T]
         w = valid[None, :, None, :].float()
         score = (Hn * w).sum((1, 3)) / w.sum((1, 3))  # [L, H]
         L, H = score.shape

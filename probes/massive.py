@@ -88,6 +88,8 @@ def _nll(model, batch: Batch, *specs: interp.Spec) -> float:
     ids, am = batch.input_ids, batch.attention_mask
     lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
     m = am[:, 1:].float()
+    if not m.any():
+        raise interp.InterpError("the perplexity ablation needs a prompt of at least 2 tokens")
     return float(-(lp * m).sum() / m.sum())
 
 

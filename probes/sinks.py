@@ -70,6 +70,8 @@ class Sinks(Analysis):
             chat: bool = False, batch_size: int = 4, progress: bool = True) -> Finding:
         """Sink importance α per (layer, head, key) and the sink rate, with the repeated-token control."""
         prompts = list(prompts or paragraphs())
+        if T < 2:
+            raise interp.InterpError(f"T={T}: the sink metric needs at least 2 tokens per prompt (the paper uses 64)")
         notes = []
         if chat and not getattr(model.tokenizer, "chat_template", None):
             chat = False

@@ -51,6 +51,10 @@ def test_sinks_leave_out_short_prompts_or_refuse(smol):
     assert torch.equal(f.arrays["importance"], sinks(smol, [long], T=32, progress=False).arrays["importance"])
     with pytest.raises(interp.InterpError, match="none of the 2 prompt"):
         sinks(smol, [short, short], T=32, progress=False)
+    with pytest.raises(interp.InterpError, match="min_query=8"):  # entropy: every query row would be trivially short
+        entropy(smol, [short])
+    with pytest.raises(interp.InterpError, match="T=1"):
+        sinks(smol, [long], T=1, progress=False)
 
 
 def test_sinks_chat_without_a_chat_template_falls_back_to_plain_text(smol):
