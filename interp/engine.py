@@ -323,7 +323,8 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
             if reuse_weights and logits.dtype == torch.float32:
                 weights = torch.ops.aten._softmax.out(logits, -1, False, out=engine.scratch("weights", logits.shape, logits))
             else:
-                weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+                # at least fp32 (half models), and float64 kept as float64
+                weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(query.dtype)
             call.logits = logits
             if lse is not None:
                 call.lse = lse[:, :, q0:q1]

@@ -214,10 +214,10 @@ def _fmt_shape(w) -> str:
 
 
 def _edge_bias(hook, e, b, call, layer, val) -> torch.Tensor:
-    """val on (selected query, selected key) pairs, 0 elsewhere: [b, q, k]."""
+    """val on (selected query, selected key) pairs, 0 elsewhere: [b, q, k] (float64; cast to the model's dtype)."""
     qsel = hook.qsel(e, b, call, layer)
     ksel = hook.ksel(e.get("keys", "all"), b, call, layer)
-    return torch.where(qsel[:, :, None] & ksel[:, None, :], val, 0.0)
+    return torch.where(qsel[:, :, None] & ksel[:, None, :], torch.tensor(val, dtype=torch.float64), 0.0)
 
 
 class ScaleWeights(Op):
@@ -298,12 +298,12 @@ class AddLogitBias(Op):
         qsel = hook.qsel(e, b, call, layer)
         if "distance" in e:
             d = e["distance"]
-            dist = (call.q_positions[:, None].float() - call.k_positions[None, :].float()).abs() / float(d.get("d0", 1.0))
+            dist = (call.q_positions[:, None].double() - call.k_positions[None, :].double()).abs() / float(d.get("d0", 1.0))
             g = {"log1p": torch.log1p(dist), "linear": dist, "constant": torch.ones_like(dist)}[d["fn"]]
             ksel = hook.ksel(e.get("keys", "all"), b, call, layer)
             return torch.where(qsel[:, :, None] & ksel[:, None, :], float(d.get("scale", 1.0)) * g[None], 0.0)
         if "tensor" in e:
-            t = hook.spec.tensors[e["tensor"]].float()
+            t = hook.spec.tensors[e["tensor"]].double()
             q1, k1 = call.q_start + call.q_len, call.k_start + call.k_len
             if t.shape[-2] < q1 or t.shape[-1] < k1:
                 raise InterpError(f"attn.add_logit_bias tensor {e['tensor']!r} covers {t.shape[-2]} queries × "
@@ -339,7 +339,7 @@ class ReplacePattern(Op):
         far = call.k_positions[None, :] <= call.q_positions[:, None] - float(e["window"])
         if e.get("keep_sink", True) and call.k_start == 0:
             far[:, 0] = False
-        return torch.where(qsel[:, :, None] & far[None], BLOCK, 0.0)
+        return torch.where(qsel[:, :, None] & far[None], torch.tensor(BLOCK, dtype=torch.float64), 0.0)
 
     def on_weights(self, hook, e, w, call, layer):  # copy_head: A'^h = A^{h*}
         rows = hook.qsel(e, w.shape[0], call, layer)[:, None, :, None] & hook.head_mask(e)[None, :, None, None]
@@ -541,9 +541,10 @@ class OEB(Op):
         vis = z > BLOCK / 2  # masked or knocked-out keys are not counted
         B = bsel[:, None, None, :] & vis
         S = ssel[:, None, None, :] & ~bsel[:, None, None, :] & vis
-        p = torch.softmax(z.float(), -1)
+        dt = torch.promote_types(z.dtype, torch.float32)  # fp32 at least, float64 kept
+        p = torch.softmax(z.to(dt), -1)
         pB, pS = (p * B).sum(-1, keepdim=True), (p * S).sum(-1, keepdim=True)
-        nB, nS = B.sum(-1, keepdim=True).float(), S.sum(-1, keepdim=True).float()
+        nB, nS = B.sum(-1, keepdim=True).to(dt), S.sum(-1, keepdim=True).to(dt)
         tau_b = torch.sqrt(nB / (nB + nS).clamp_min(1)).clamp(max=float(e.get("tau_max", 0.15)))
         tau_s = pB + pS - tau_b  # = 1 − p(O) − τ_B
         rows = qsel[:, None, :, None] & hook.head_mask(e)[None, :, None, None]

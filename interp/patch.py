@@ -119,8 +119,8 @@ class _SpecHook:
 
     def qsel(self, e: dict, b: int, call: AttnCall, layer: int, key: str = "queries") -> torch.Tensor:
         """bool [b, q]: the edit's selected queries (or positions) among this call's."""
-        sel = e.get(key, OPS[e["op"]].default_queries)
-        return self._select(sel, b, call.q_start + call.q_len, layer)[:, call.q_start:]
+        sel = e.get(key, OPS[e["op"]].default_queries)  # resolved over the whole sequence (a chunk's 'last' is not)
+        return self._select(sel, b, call.k_start + call.k_len, layer)[:, call.q_start:call.q_start + call.q_len]
 
     def ksel(self, sel, b: int, call: AttnCall, layer: int) -> torch.Tensor:
         """bool [b, k]: a key selector over this call's keys (absolute positions k_start..)."""
