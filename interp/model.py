@@ -190,12 +190,12 @@ class _ModelEngine(_engine.Engine):
 
     @contextlib.contextmanager
     def running(self, batch) -> Iterator[None]:
-        with self._active(), super().running(batch):
+        with self.claimed(), self._active(), super().running(batch):  # claimed first: one thread flips the configs
             yield
 
     @contextlib.contextmanager
     def using(self, *hooks) -> Iterator[None]:
-        with self._active(), super().using(*hooks):
+        with self.claimed(), self._active(), super().using(*hooks):
             yield
 
 
