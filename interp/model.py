@@ -1,10 +1,13 @@
 """``interp.load``: one entry point for every model source, returning a :class:`Model`.
 
 Sources: ``"smollm2"`` (the embedded default), ``"llava_ar"`` / ``"llada_diffusion"`` (the committed
-testbed VLMs), a ``.gguf`` file, a local HF folder, an HF hub id,
-a ``transformers`` model object (with its tokenizer), or a TransformerLens ``TransformerBridge``.
-GGUF files are dequantised once and cached as safetensors under a key made of the file's sha256,
-so later loads skip the slow conversion.
+testbed VLMs), a ``.gguf`` file, a local HF folder, an HF hub id (from the local HF cache without a network),
+a ``transformers`` model object with its tokenizer (accelerate ``device_map`` dispatch and disk offload
+included), or an nnsight ``LanguageModel`` (unwrapped). A TransformerLens 4 ``TransformerBridge`` is refused
+once it has replaced the model's attention with its own components (interp could not see it).
+A model object is left as it is: same dtype, device and attention implementation outside interp's own calls.
+GGUF files are dequantised once and cached as safetensors under a key made of the file's sha256 (the embedded
+one is checked against the lock file first), so later loads skip the slow conversion.
 """
 from __future__ import annotations
 
