@@ -1,11 +1,14 @@
 """LM probes on the real SmolLM2, each checked against an independent computation."""
 import copy
+import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 import interp
+from interp.finding import Finding
 from interp.prompts import facts, paragraphs
 from probes.entropy import entropy
 from probes.knockout import knockout
@@ -170,6 +173,29 @@ def test_massive_spec_replays_on_other_prompts(smol):
     assert _nll(smol, texts, f.to_spec(model=smol, method="set_zero")) - base > 2.0
     with pytest.raises(interp.InterpError, match="only massive token"):
         f.to_spec(model=smol, method="attention")
+
+
+def test_massive_attention_spec_biases_the_running_inputs_massive_tokens_but_the_first(smol):
+    """method='attention': a logit bias on the keys the sink selector finds at run time, position 0 excepted. SmolLM2
+    has one massive token (position 0), so the finding is made up with a low τ that also catches a few others."""
+    dims, tau, first = [247, 507], 12.0, 11
+    f = Finding("probes.massive", pd.DataFrame(), {}, smol.identity(), "",
+                {"dims": dims, "tokens": [0, 3], "first_layer": first, "sink_tau": tau})
+    spec = f.to_spec(model=smol, method="attention", bias=-5.0)
+    assert spec.edits[0]["layers"] == list(range(first + 1, smol.n_layers)) and spec.sink["skip_first"]
+    x = paragraphs()[1][:160]
+    l = first + 1
+    tr = interp.capture(smol, x, sites=[f"blocks.{l}.resid_pre", f"blocks.{l}.attn.pattern"])
+    h = tr[f"blocks.{l}.resid_pre"][0].float()
+    phi = (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))[:, dims].abs().amax(-1)
+    K = (phi > tau) & (torch.arange(len(phi)) > 0)
+    assert K.any() and phi[0] > tau  # position 0 is a sink, and it is left alone
+    A = tr[f"blocks.{l}.attn.pattern"][0]
+    w = A * torch.where(K, math.exp(-5.0), 1.0)
+    want = w / w.sum(-1, keepdim=True)
+    with interp.patch(smol, spec):
+        got = interp.capture(smol, x, sites=f"blocks.{l}.attn.pattern")[f"blocks.{l}.attn.pattern"][0]
+    assert (got - want).abs().max() <= 1e-5
 
 
 def test_massive_start_layer_needs_few_tokens_and_dims():
