@@ -106,7 +106,7 @@ def _control_labels(y: np.ndarray, types: Sequence, seed: int) -> np.ndarray:
     return np.array([draw[t] for t in types])
 
 
-def probe_features(feats, labels: Sequence, *, word_types: Sequence | None = None, concept: str = "the labels",
+def probe_features(feats: Mapping[int, torch.Tensor] | torch.Tensor, labels: Sequence, *, word_types: Sequence | None = None, concept: str = "the labels",
                    Cs: Sequence[float] = CS, test_size: float = 0.2, seed: int = 0, progress: bool = True,
                    model: interp.Model | None = None, texts: Sequence[str] | None = None,
                    params: dict | None = None) -> Finding:
