@@ -51,6 +51,9 @@ def _items(model, inputs) -> list[vlm.VQAItem]:
     if inputs is None:
         from interp.testbed.items import default_items
         return default_items(model)
+    if isinstance(inputs, list) and inputs and isinstance(inputs[0], tuple):  # the testbed's (scene, question) pairs
+        from interp.testbed.items import as_vqa_items, testbed_meta
+        inputs = as_vqa_items(inputs, testbed_meta(model))
     items = vlm.as_items(inputs)
     missing = [k for k, it in enumerate(items) if not it.has_target]
     if missing:

@@ -53,7 +53,7 @@ class VHD(Analysis):
     title = "Vision-aware head divergence"
     requires = ("vision",)
     in_scan = True
-    figures = (_static.generic, _interactive.generic)
+    figures = (_static.image_map, _interactive.image_map)  # a finding with no "map" array is drawn as a generic one
 
     def run(self, model: interp.Model, inputs=None, *, n_tokens: int = 1, k: int = 8, prune: bool = True,
             answer_ids: list[int] | None = None, position: int = -1) -> Finding:

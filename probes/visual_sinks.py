@@ -66,6 +66,9 @@ def _batch(model: interp.Model, inputs, gen_len: int | None) -> Batch:
     if inputs is None:
         from interp.testbed.items import default_items
         inputs = default_items(model)
+    if isinstance(inputs, list) and inputs and isinstance(inputs[0], tuple):  # the testbed's (scene, question) pairs
+        from interp.testbed.items import as_vqa_items, testbed_meta
+        inputs = as_vqa_items(inputs, testbed_meta(model))
     if isinstance(inputs, vlm.VQAItem) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], vlm.VQAItem)):
         batch = vlm.encode_vqa(model, inputs, gen_len=gen_len)
     else:

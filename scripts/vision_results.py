@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import interp  # noqa: E402
 from interp.tasks import Task, bootstrap_ci, load_task  # noqa: E402
 from interp.testbed import build_inputs, load_testbed, make_dataset  # noqa: E402
-from interp.testbed.items import answer_ids, encode_items  # noqa: E402
+from interp.testbed.items import answer_ids, as_vqa_items, encode_items, testbed_meta  # noqa: E402
 from interp.testbed.localize import localisation_items  # noqa: E402
 from probes import image_attention as ia, visual_sinks as vs, vhd as vhd_mod  # noqa: E402
 from probes.knockout import knockout  # noqa: E402
@@ -56,12 +56,13 @@ def run(name: str, n_scenes: int, out: Path) -> dict:
     res["knockout"] = ko
     res["scenes"] = n_scenes
     # 2. attention localisation
-    f = ia.image_attention(m, items)
+    vqa = as_vqa_items(items, testbed_meta(m))
+    f = ia.image_attention(m, vqa)
     f.save(out / name / "image_attention")
     res["localisation"] = {"table": f.table.round(4).to_dict("records"), **f.metrics}
     # 3. visual sinks (calibrated on the first 40 scenes, and again on another 40: are the dims stable?)
-    fs = vs.visual_sinks(m, items)
-    fs2 = vs.visual_sinks(m, localisation_items(40, seed=8))
+    fs = vs.visual_sinks(m, vqa)
+    fs2 = vs.visual_sinks(m, as_vqa_items(localisation_items(40, seed=8), testbed_meta(m)))
     fs.save(out / name / "visual_sinks")
     res["visual_sinks"] = {**fs.metrics, "dims_other_prompts": fs2.metrics["dims"],
                            "heads": fs.table.round(3).to_dict("records")}
@@ -103,9 +104,9 @@ def run(name: str, n_scenes: int, out: Path) -> dict:
     pos = -meta["gen_len"] if meta["kind"] == "diffusion" else -1
     fv = vhd_mod.vhd(m, {"input_ids": r0.input_ids, "pixel_values": r0.extra["pixel_values"]}, position=pos,
                      **({"answer_ids": [0]} if meta["kind"] == "diffusion" else {}))
-    specs = {"VAR (p=0.6)": vs.to_spec(fs, model=m, p=0.6),
-             "PAI (α=0.5)": ia.to_spec(f, model=m, alpha=0.5),
-             "VHR (α=2, last 2 layers)": vhd_mod.to_spec(fv, m, alpha=2.0, last_n=2)}
+    specs = {"VAR (p=0.6)": fs.to_spec(model=m, p=0.6),
+             "PAI (α=0.5)": f.to_spec(model=m, alpha=0.5),
+             "VHR (α=2, last 2 layers)": fv.to_spec(model=m, alpha=2.0, last_n=2)}
     task = load_task("testbed_vqa")
     task_lp = Task("testbed_vqa_logprob", "vqa", [dict(it, score="logprob") for it in task.items])
     ev = {}
