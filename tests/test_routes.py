@@ -1,0 +1,169 @@
+"""probes.routes: every edge importance against a brute-force computation from the HF weights and HF's own
+attention weights; the parts of every residual update sum to HF's hidden states; the knockout spec of a route
+is causal on SmolLM2; refusals."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import interp
+from conftest import load_testbed_model, random_ids, tiny_hf
+from probes.routes import routes
+
+
+def _prox(y: torch.Tensor, parts: list[torch.Tensor]) -> list[float]:
+    p = [max(float(y.abs().sum() - (y - c).abs().sum()), 0.0) for c in parts]
+    s = sum(p)
+    return [x / s for x in p]
+
+
+def _brute(hf, ids: torch.Tensor):
+    """Per-part importances computed with plain torch from HF weights and HF eager output_attentions."""
+    hf.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = hf(ids, output_attentions=True, output_hidden_states=True)
+        cfg = hf.config
+        H, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        rep = H // cfg.num_key_value_heads
+        x = out.hidden_states[0][0].double()
+        T = x.shape[0]
+        head, attn_resid, mlp, mlp_resid = {}, {}, {}, {}
+        for l, layer in enumerate(hf.model.layers):
+            A = out.attentions[l][0].double()  # [H, T, T], HF's own
+            a = layer.self_attn
+            v = (layer.input_layernorm(x.float()).double() @ a.v_proj.weight.double().T).reshape(T, -1, hd)
+            WO = a.o_proj.weight.double()  # [d, H*hd]
+            mid = x.clone()
+            rows = {}
+            for i in range(T):
+                parts = [x[i]]
+                for h in range(H):
+                    for j in range(T):
+                        c = A[h, i, j] * (v[j, h // rep] @ WO[:, h * hd:(h + 1) * hd].T)
+                        parts.append(c)
+                mid[i] = torch.stack(parts).sum(0)
+                rows[i] = parts
+            for i in range(T):
+                imp = _prox(mid[i], rows[i])
+                attn_resid[l, i] = imp[0]
+                for h in range(H):
+                    for j in range(T):
+                        head[l, i, h, j] = imp[1 + h * T + j]
+            m = layer.mlp(layer.post_attention_layernorm(mid.float())).double()
+            post = mid + m
+            if l + 1 < len(hf.model.layers):  # the decomposition is exact: HF's own next hidden state
+                torch.testing.assert_close(post, out.hidden_states[l + 1][0].double(), atol=1e-5, rtol=1e-5)
+            else:
+                torch.testing.assert_close(hf.model.norm(post.float()), out.hidden_states[-1][0], atol=1e-5, rtol=1e-5)
+            for i in range(T):
+                mlp_resid[l, i], mlp[l, i] = _prox(post[i], [mid[i], m[i]])
+            x = post
+    return head, attn_resid, mlp, mlp_resid, H, T
+
+
+def test_every_importance_equals_brute_force_on_tiny_llama():
+    ids = random_ids(8)
+    model = interp.load(tiny_hf("llama"), name="tiny-llama")
+    f = routes(model, ids, tau=0.04)
+    head, attn_resid, mlp, mlp_resid, H, T = _brute(tiny_hf("llama"), ids)
+    L = 3
+    got = f.arrays
+    for (l, i, h, j), w in head.items():
+        assert abs(float(got["head"][l, i, h, j]) - w) < 1e-5, (l, i, h, j)
+    for (l, i), w in attn_resid.items():
+        assert abs(float(got["attn_resid"][l, i]) - w) < 1e-5
+        assert abs(float(got["mlp"][l, i]) - mlp[l, i]) < 1e-5
+        assert abs(float(got["mlp_resid"][l, i]) - mlp_resid[l, i]) < 1e-5
+    assert f.metrics["parts_error"] < 1e-6
+    # the route: every edge above tau into a reached node, top-down from the last token, and nothing else
+    want, post = set(), {T - 1}
+    for l in range(L - 1, -1, -1):
+        mid = set()
+        for i in post:
+            for kind, w in (("resid", mlp_resid[l, i]), ("mlp", mlp[l, i])):
+                if w > 0.04:
+                    want.add((l, "mlp", kind, -1, i, i)), mid.add(i)
+        pre = set()
+        for i in mid:
+            if attn_resid[l, i] > 0.04:
+                want.add((l, "attn", "resid", -1, i, i)), pre.add(i)
+            for h in range(H):
+                for j in range(T):
+                    if head[l, i, h, j] > 0.04:
+                        want.add((l, "attn", "head", h, j, i)), pre.add(j)
+        post = pre
+    have = {(int(r.layer), r.stage, r.kind, int(r.head), int(r.source), int(r.target)) for r in f.table.itertuples()}
+    assert have == want and any(k[2] == "head" for k in want)
+    for r in f.table.itertuples():
+        w = head[r.layer, r.target, r.head, r.source] if r.kind == "head" else (
+            {"attn": attn_resid, "mlp": mlp_resid}[r.stage][r.layer, r.target] if r.kind == "resid" else mlp[r.layer, r.target])
+        assert abs(r.importance - w) < 1e-5
+    assert f.explain().startswith("The route into token 7 keeps")
+
+
+def test_combined_heads_sum_per_head_importances():
+    model = interp.load(tiny_hf("llama"), name="tiny-llama")
+    f = routes(model, random_ids(8), tau=0.0, combine_heads=True)
+    t = f.table[f.table.kind == "attn"]
+    assert len(t) > 0 and (t["head"] == -1).all()
+    for r in t.itertuples():
+        assert abs(r.importance - float(f.arrays["head"][r.layer, r.target, :, r.source].sum())) < 1e-5
+
+
+def test_refusals_leave_the_model_unchanged():
+    model = interp.load(tiny_hf("llama"), name="tiny-llama")
+    ids = random_ids(8)
+    before = model.logits(model.encode(ids))
+    for kw in ({"tau": 1.5}, {"position": 8}):
+        with pytest.raises(interp.InterpError):
+            routes(model, ids, **kw)
+    with pytest.raises(interp.InterpError, match="one input at a time"):
+        routes(model, random_ids(8, b=2))
+    f = routes(model, ids, tau=0.99)
+    with pytest.raises(interp.InterpError, match="no attention edge"):
+        f.to_spec(model=model)
+    with pytest.raises(interp.InterpError, match="mode"):
+        routes(model, ids).to_spec(model=model, mode="both")
+    gemma = interp.load(tiny_hf("gemma3"), name="tiny-gemma3")
+    with pytest.raises(interp.InterpError, match="normalises sublayer outputs"):
+        routes(gemma, ids)
+    assert torch.equal(model.logits(model.encode(ids)), before)
+    assert not any(m._forward_hooks for m in model.hf.modules())
+
+
+def _p_answer(model, prompt: str, spec=None) -> float:
+    batch = model.encode(prompt)
+    if spec is None:
+        logits = model.answer_logits(batch)
+    else:
+        with interp.patch(model, spec):
+            logits = model.answer_logits(batch)
+    p = logits[0].float().softmax(-1)
+    return p, int(p.argmax())
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return interp.load("smollm2")
+
+
+def test_cutting_the_route_hurts_more_than_cutting_random_edges(smol):
+    rng = random.Random(0)
+    for prompt in ["The capital of France is", "The Eiffel Tower is in the city of"]:
+        f = routes(smol, prompt, tau=0.04)
+        p0, ans = _p_answer(smol, prompt)
+        cut = f.to_spec(model=smol, mode="cut")
+        p_cut = _p_answer(smol, prompt, cut)[0][ans]
+        edges = f.table[f.table.kind == "head"]
+        T = f.metrics["n_tokens"]
+        L, H = smol.n_layers, smol.n_heads
+        all_edges = [(l, h, i, j) for l in range(L) for h in range(H) for i in range(T) for j in range(i + 1)]
+        route = set(zip(edges.layer, edges["head"], edges.target, edges.source))
+        drops = []
+        for seed in range(3):
+            pick = rng.sample([e for e in all_edges if e not in route], len(route))
+            spec = interp.Spec.for_model(smol, [interp.ops.knockout([l], [i], [j], heads=[h]) for l, h, i, j in pick])
+            drops.append(float(p0[ans] - _p_answer(smol, prompt, spec)[0][ans]))
+        assert float(p0[ans] - p_cut) > max(drops), (prompt, float(p0[ans]), float(p_cut), drops)
