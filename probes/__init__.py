@@ -5,3 +5,4 @@ from . import dla  # noqa: F401
 from . import image_attention, vhd, visual_sinks  # noqa: F401
 from . import patching  # noqa: F401
 from . import massive, entropy, secondary_sinks  # noqa: F401
+from . import routes  # noqa: F401
