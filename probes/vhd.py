@@ -32,18 +32,23 @@ def _z_last(model, ids, am, extra, position: int = -1) -> torch.Tensor:
     return tr.stack("attn.z")[:, 0, position]
 
 
-def _inputs(model, inputs) -> dict:
-    """One image prompt as ``{input_ids [1, T], pixel_values, ...}`` (a VQAItem is encoded with its roles' prompt)."""
+def _inputs(model, inputs) -> tuple[dict, dict]:
+    """One image prompt as ``{input_ids [1, T], pixel_values, ...}``, and the defaults it implies: a VQAItem on a
+    masked-diffusion model is encoded with its masked answer region, compared at its first position, for the first
+    token of its answer."""
     if inputs is None:
         from interp.testbed.items import default_items
         inputs = default_items(model)[0]
     if isinstance(inputs, vlm.VQAItem):
         b = vlm.encode_vqa(model, [inputs])
-        return {"input_ids": b.input_ids, **b.extra}
+        implied = {} if model.adapter.causal else {
+            "answer_ids": vlm.answer_ids(model, [inputs]).tolist(),
+            "position": b.roles[0]["query"][0] - b.input_ids.shape[1]}
+        return {"input_ids": b.input_ids, **b.extra}, implied
     if not isinstance(inputs, dict) or "input_ids" not in inputs:
         raise interp.InterpError("vhd takes one image prompt: a VQAItem, or a dict with input_ids [1, T] holding the "
                                  "image tokens and pixel_values")
-    return inputs
+    return inputs, {}
 
 
 class VHD(Analysis):
@@ -56,14 +61,16 @@ class VHD(Analysis):
     figures = (_static.image_map, _interactive.image_map)  # a finding with no "map" array is drawn as a generic one
 
     def run(self, model: interp.Model, inputs=None, *, n_tokens: int = 1, k: int = 8, prune: bool = True,
-            answer_ids: list[int] | None = None, position: int = -1) -> Finding:
+            answer_ids: list[int] | None = None, position: int | None = None) -> Finding:
         """VHD per (step, layer, head) for one image prompt (``inputs``: a VQAItem, or input_ids [1, T] with image
         tokens and pixel_values; None: the first of the testbed's held-out items).
 
         ``position`` (counted from the end, with the answer prefix appended) is the query compared; for a
         masked-diffusion model give the prompt with its masked answer region and ``position=-gen_len`` (the first
-        masked answer position) with ``answer_ids=[y]`` (one step, no prefix)."""
-        inputs = _inputs(model, inputs)
+        masked answer position) with ``answer_ids=[y]`` (one step, no prefix); a VQAItem implies both."""
+        inputs, implied = _inputs(model, inputs)
+        answer_ids = implied.get("answer_ids") if answer_ids is None else answer_ids
+        position = implied.get("position", -1) if position is None else position
         ad = model.adapter
         ids = torch.as_tensor(inputs["input_ids"])
         if ids.dim() != 2 or ids.shape[0] != 1:

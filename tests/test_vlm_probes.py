@@ -254,3 +254,22 @@ def test_visual_sinks_background_share_only_where_objects_are_known():
     b = vlm.encode_vqa(m, items)
     bg = sum(16 - len(r["objects"]) for r in b.roles) / (16 * len(items))
     assert abs(f.metrics["image_sinks_in_background"] - bg) < 1e-6 and f.explain()
+
+
+def test_vhd_on_a_diffusion_item_is_the_explicit_call():
+    """A VQAItem on the masked-diffusion testbed implies the masked answer region, its first position and the gold
+    first token: the same numbers as giving them by hand (the scan's default inputs run this way)."""
+    from interp.testbed.items import as_vqa_items
+    m, tok, meta = load_testbed_model("llada_diffusion")
+    sc = make_dataset(2, seed=6, split="test")[0]
+    q = sc.question("colour") or sc.questions()[0]
+    item = as_vqa_items([(sc, q)], meta)[0]
+    inp = build_inputs(tok, meta, sc, q)
+    ids = torch.cat([inp["input_ids"], torch.full((1, meta["gen_len"]), meta["mask_token_id"])], 1)
+    y = tok.convert_tokens_to_ids(q.answer.split()[0])
+    by_hand = vhd(m, {"input_ids": ids, "pixel_values": inp["pixel_values"]}, answer_ids=[y], position=-meta["gen_len"])
+    f = vhd(m, item)
+    assert f.metrics["answer_ids"] == [y] and f.params["position"] == -meta["gen_len"]
+    assert torch.equal(f.arrays["vhd"], by_hand.arrays["vhd"])
+    with pytest.raises(interp.InterpError, match="answer_ids"):
+        vhd(m, {"input_ids": ids, "pixel_values": inp["pixel_values"]})
