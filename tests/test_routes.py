@@ -133,37 +133,54 @@ def test_refusals_leave_the_model_unchanged():
     assert not any(m._forward_hooks for m in model.hf.modules())
 
 
-def _p_answer(model, prompt: str, spec=None) -> float:
-    batch = model.encode(prompt)
-    if spec is None:
-        logits = model.answer_logits(batch)
-    else:
-        with interp.patch(model, spec):
-            logits = model.answer_logits(batch)
-    p = logits[0].float().softmax(-1)
-    return p, int(p.argmax())
-
-
-@pytest.fixture(scope="module")
-def smol():
-    return interp.load("smollm2")
-
-
 def test_cutting_the_route_hurts_more_than_cutting_random_edges(smol):
-    rng = random.Random(0)
     for prompt in ["The capital of France is", "The Eiffel Tower is in the city of"]:
         f = routes(smol, prompt, tau=0.04)
-        p0, ans = _p_answer(smol, prompt)
-        cut = f.to_spec(model=smol, mode="cut")
-        p_cut = _p_answer(smol, prompt, cut)[0][ans]
-        edges = f.table[f.table.kind == "head"]
-        T = f.metrics["n_tokens"]
-        L, H = smol.n_layers, smol.n_heads
-        all_edges = [(l, h, i, j) for l in range(L) for h in range(H) for i in range(T) for j in range(i + 1)]
-        route = set(zip(edges.layer, edges["head"], edges.target, edges.source))
-        drops = []
-        for seed in range(3):
-            pick = rng.sample([e for e in all_edges if e not in route], len(route))
-            spec = interp.Spec.for_model(smol, [interp.ops.knockout([l], [i], [j], heads=[h]) for l, h, i, j in pick])
-            drops.append(float(p0[ans] - _p_answer(smol, prompt, spec)[0][ans]))
-        assert float(p0[ans] - p_cut) > max(drops), (prompt, float(p0[ans]), float(p_cut), drops)
+        cut, rand = _drop_vs_random(smol, smol.encode(prompt), f)
+        assert cut > max(rand), (prompt, cut, rand)
+
+
+def _drop_vs_random(model, batch, f, seeds: int = 3) -> tuple[float, list[float]]:
+    """p(answer) drop when the route's head edges are cut, and when as many random head edges are cut."""
+    def p(spec=None):
+        if spec is None:
+            return model.answer_logits(batch)[0].float().softmax(-1)
+        with interp.patch(model, spec):
+            return model.answer_logits(batch)[0].float().softmax(-1)
+    p0 = p()
+    ans = int(p0.argmax())
+    edges = f.table[f.table.kind == "head"]
+    route = set(zip(edges.layer, edges["head"], edges.target, edges.source))
+    T = f.metrics["n_tokens"]
+    others = [(l, h, i, j) for l in range(model.n_layers) for h in range(model.n_heads) for i in range(T)
+              for j in range(i + 1) if (l, h, i, j) not in route]
+    rng = random.Random(0)
+    drops = []
+    for _ in range(seeds):
+        spec = interp.Spec.for_model(model, [interp.ops.knockout([l], [i], [j], heads=[h])
+                                             for l, h, i, j in rng.sample(others, len(route))])
+        drops.append(float(p0[ans] - p(spec)[ans]))
+    return float(p0[ans] - p(f.to_spec(model=model, mode="cut"))[ans]), drops
+
+
+def test_vlm_routes_carry_the_image_into_the_answer():
+    from interp import vlm
+    from interp.testbed.items import default_items
+    model = load_testbed_model("llava_ar")[0]
+    f = routes(model)  # the testbed's first item
+    batch = vlm.encode_vqa(model, default_items(model)[:1])
+    img = set(batch.roles[0]["image"])
+    assert f.metrics["n_image_tokens"] == len(img) == 64 and f.metrics["parts_error"] < 1e-5
+    t = f.table[(f.table.kind == "head") & f.table.source.isin(img) & ~f.table.target.isin(img)]
+    assert len(t) > 0
+    by_layer = f.metrics["image_to_text_by_layer"]
+    for l in range(model.n_layers):
+        assert abs(by_layer[l] - t[t.layer == l].importance.sum()) < 1e-3
+    cut, rand = _drop_vs_random(model, batch, f)
+    assert cut > max(rand), (cut, rand)
+
+
+def test_diffusion_is_refused():
+    model = load_testbed_model("llada_diffusion")[0]
+    with pytest.raises(interp.InterpError, match="per denoising step"):
+        routes(model)
