@@ -1038,3 +1038,43 @@ def dla(finding, **kw) -> Figure:
 patching_sweep = causal_grid
 atp = causal_grid
 # end of causal selection figures
+
+
+# --------------------------------------------------------------------------------------------
+# information-flow routes
+# --------------------------------------------------------------------------------------------
+def route_segments(df: pd.DataFrame) -> list[tuple[float, float, float, float, str, float]]:
+    """(x0, y0, x1, y1, kind, importance) of each route edge: tokens on x; layer l's attention runs from
+    y = l to y = l + 0.5, its MLP from l + 0.5 to l + 1 (y = 0 is the embedding)."""
+    out = []
+    for r in df.itertuples():
+        y0 = r.layer + (0.5 if r.stage == "mlp" else 0.0)
+        out.append((float(r.source), y0, float(r.target), y0 + 0.5, str(r.kind), float(r.importance)))
+    return out
+
+
+@styled
+def routes(finding, **kw) -> Figure:
+    """The route graph: tokens × layers, edge width ∝ importance (heads blue, MLPs orange, residual grey)."""
+    df = table(finding)
+    if not has(df, "layer", "stage", "kind", "source", "target", "importance"):
+        return generic.__wrapped__(finding, **kw)
+    toks = list((finding.params or {}).get("tokens") or [])
+    T = len(toks) or int(max(df.source.max(), df.target.max()) + 1)
+    L = int(df.layer.max()) + 1 if len(df) else 1
+    fig, (ax,) = new_fig(1, (max(5.0, min(16.0, 0.45 * T + 2)), max(3.6, min(10.0, 0.3 * L + 2))))
+    color = {"head": POS, "attn": POS, "mlp": NEG, "resid": GREY}
+    for x0, y0, x1, y1, kind, w in route_segments(df):
+        if kind == "mlp":
+            ax.plot([x0], [y1], "s", color=NEG, ms=2 + 8 * w, alpha=0.8)
+        else:
+            ax.plot([x0, x1], [y0, y1], "-", color=color.get(kind, GREY), lw=0.4 + 4 * w, alpha=0.35 + 0.6 * w)
+    ax.set_xlim(-0.6, T - 0.4)
+    ax.set_ylim(-0.2, L + 0.2)
+    ax.set_xticks(range(T))
+    ax.set_xticklabels([mpl_text(t) for t in toks] if toks else range(T), rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("layer")
+    ax.set_title(mpl_text(f"edges with importance > {(finding.metrics or {}).get('tau', 0):.2f} "
+                          "(heads blue, MLP orange, residual grey)"), fontsize=9)
+    fig.suptitle(mpl_text(title_of(finding, "Information-flow routes")), x=0.01, ha="left")
+    return fig
