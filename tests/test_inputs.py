@@ -189,3 +189,23 @@ def test_4d_full_mask_of_a_bidirectional_model():
                                                                                     "logits"]), ref)
     with pytest.raises(InterpError, match="not the plain full"):
         m.encode({"input_ids": ids, "attention_mask": full & torch.ones(10, 10).tril().bool()})
+
+
+def test_left_padded_vlm_rows_keep_their_image_roles():
+    """Two LLaVA rows of different lengths, each with an image: left padding gives the right-padded capture."""
+    from tests.test_capture import tiny_llava
+    m = interp.load(tiny_llava(), name="tiny-llava")
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.cat([torch.tensor([1]), torch.full((17,), 99), torch.randint(2, 90, (n,), generator=g)]) for n in (6, 2)]
+    T = max(len(r) for r in rows)
+    right_ids, right_am = torch.zeros(2, T, dtype=torch.long), torch.zeros(2, T, dtype=torch.long)
+    left_ids, left_am = right_ids.clone(), right_am.clone()
+    for i, r in enumerate(rows):
+        right_ids[i, :len(r)], right_am[i, :len(r)] = r, 1
+        left_ids[i, T - len(r):], left_am[i, T - len(r):] = r, 1
+    pix = torch.randn(2, 3, 16, 16, generator=g)
+    sites = ["blocks.*.attn.pattern", "logits"]
+    ref = interp.capture(m, {"input_ids": right_ids, "attention_mask": right_am, "pixel_values": pix}, sites=sites)
+    got = interp.capture(m, {"input_ids": left_ids, "attention_mask": left_am, "pixel_values": pix}, sites=sites)
+    assert got.roles[1]["image"] == ref.roles[1]["image"] == list(range(1, 18))
+    _assert_same(got, ref)
