@@ -561,3 +561,29 @@ def dla(finding, **kw) -> go.Figure:
 patching_sweep = causal_grid
 atp = causal_grid
 # end of causal selection figures
+
+
+# --------------------------------------------------------------------------------------------
+# information-flow routes
+# --------------------------------------------------------------------------------------------
+def routes(finding, **kw) -> go.Figure:
+    """The route graph: tokens × layers, edge width ∝ importance (hover: layer, head, tokens, importance)."""
+    from .static import route_segments
+    df = table(finding)
+    if not has(df, "layer", "stage", "kind", "source", "target", "importance"):
+        return generic(finding, **kw)
+    toks = list((finding.params or {}).get("tokens") or [])
+    T = len(toks) or int(max(df.source.max(), df.target.max()) + 1)
+    L = int(df.layer.max()) + 1 if len(df) else 1
+    color = {"head": POS, "attn": POS, "mlp": NEG, "resid": "#8c8c8c"}
+    fig = go.Figure()
+    for (x0, y0, x1, y1, kind, w), r in zip(route_segments(df), df.itertuples()):
+        who = f"head {r.head}" if r.head >= 0 else kind
+        tip = _h(f"layer {r.layer} {who}: {toks[r.source] if toks else r.source} → "
+                 f"{toks[r.target] if toks else r.target}, importance {w:.3f}")
+        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines+markers", showlegend=False,
+                                 line=dict(color=color.get(kind, "#8c8c8c"), width=0.5 + 6 * w),
+                                 marker=dict(size=4), hovertemplate=tip + "<extra></extra>"))
+    fig.update_xaxes(tickmode="array", tickvals=list(range(T)), ticktext=_hl(toks) if toks else list(range(T)))
+    fig.update_yaxes(title_text="layer", range=[-0.2, L + 0.2])
+    return _layout(fig, _h(title_of(finding, "Information-flow routes")), max(420, min(900, 24 * L + 180)))
