@@ -126,7 +126,7 @@ def check_generation(m, name, sel, tol=1e-4):
     n = b.input_ids.shape[1]
     s = build(m, name, sel)
     s_full = build(m, name, f"{n - 1}:") if sel == "last" and name not in KEY_SELECTED else None
-    steps = 1 if sel == "last" and name in KEY_SELECTED else 4
+    steps = 1 if sel == "last" and name in KEY_SELECTED else 3
     for cached, full in cached_vs_recomputed(m, b, s, steps, s_full):
         assert (cached - full).abs().max() <= tol, (name, sel)
 
@@ -140,7 +140,7 @@ def test_cached_generation_equals_recompute_llama(name, sel):
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2", "gemma3"])
 @pytest.mark.parametrize("name", OP_NAMES)
 def test_cached_generation_equals_recompute_families(kind, name):
-    for sel in ("1:4", "last", "sink"):
+    for sel in ("1:4", "sink"):  # every selector kind runs on llama above
         check_generation(tiny_model(kind), name, sel)
 
 
