@@ -47,6 +47,8 @@ from probes.dla import _check, out_proj
 from viz import interactive as _interactive
 from viz import static as _static
 
+_MAX_PATTERN = 4_000_000  # attention weights kept in the finding (L·H·T² values) for the explorer page
+
 
 def prox_importance(y: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
     """imp(c, y) for parts [..., n, d] of sums y [..., d] (L1 proximity, normalised over the n parts)."""
@@ -82,7 +84,8 @@ def _batch(model: interp.Model, inputs: Any) -> interp.Batch:
 def contributions(model: interp.Model, batch: interp.Batch) -> dict[str, torch.Tensor]:
     """The importance of every part of every residual update of row 0 (float64):
     ``head`` [L, T(i), H, T(j)], ``attn_resid`` [L, T], ``attn_bias`` [L, T] (zeros without a bias),
-    ``mlp`` [L, T], ``mlp_resid`` [L, T]; ``parts_error``: the largest relative error of the decomposition."""
+    ``mlp`` [L, T], ``mlp_resid`` [L, T], the attention ``pattern`` [L, H, T, T]; ``parts_error``: the largest
+    relative error of the decomposition."""
     L, H, hd = model.n_layers, model.n_heads, model.head_dim
     T = int(batch.lengths[0])
     sites = ["blocks.0.resid_pre"] + [f"blocks.{l}.{k}" for l in range(L)
@@ -103,10 +106,12 @@ def contributions(model: interp.Model, batch: interp.Batch) -> dict[str, torch.T
     at = lambda name: tr[name][0, :T].double()  # noqa: E731
     x = at("blocks.0.resid_pre")
     imp_head = torch.zeros(L, T, H, T, dtype=torch.float64)
+    pattern = torch.zeros(L, H, T, T)
     out = {k: torch.zeros(L, T, dtype=torch.float64) for k in ("attn_resid", "attn_bias", "mlp", "mlp_resid")}
     worst = 0.0
     for l in range(L):
         A = tr[f"blocks.{l}.attn.pattern"][0, :, :T, :T].double()  # [H, i, j]
+        pattern[l] = A.float()
         v = vals[l].double()
         n_kv = v.shape[-1] // hd
         if n_kv * hd != v.shape[-1] or H % n_kv:
@@ -138,7 +143,7 @@ def contributions(model: interp.Model, batch: interp.Batch) -> dict[str, torch.T
     if worst > 1e-4:
         raise interp.InterpError(f"the attention parts do not sum to the mid-block residual (relative error "
                                  f"{worst:.3g})")
-    return {"head": imp_head, **out, "parts_error": torch.tensor(worst)}
+    return {"head": imp_head, **out, "pattern": pattern, "parts_error": torch.tensor(worst)}
 
 
 def trace_routes(imp: dict[str, torch.Tensor], start: int, tau: float, combine_heads: bool = False) -> list[dict]:
@@ -228,9 +233,13 @@ class Routes(Analysis):
                                                  for l in range(L)]
             metrics["n_image_tokens"] = len(img)
         arrays = {k: imp[k].float() for k in ("head", "attn_resid", "attn_bias", "mlp", "mlp_resid")}
+        notes = ["L1 proximity (ALTI) normalised over the parts of each sum; kept parts are not renormalised"]
+        if imp["pattern"].numel() <= _MAX_PATTERN:  # for the explorer page (viz.explorer)
+            arrays["pattern"] = imp["pattern"]
+        else:
+            notes.append(f"attention patterns not kept ({imp['pattern'].numel():,} values > {_MAX_PATTERN:,})")
         params = {"tau": float(tau), "position": start, "combine_heads": combine_heads, "tokens": toks}
-        return Finding(self.name, table, params, model.identity(), digest(batch.input_ids), metrics, arrays,
-                       ["L1 proximity (ALTI) normalised over the parts of each sum; kept parts are not renormalised"])
+        return Finding(self.name, table, params, model.identity(), digest(batch.input_ids), metrics, arrays, notes)
 
     def to_spec(self, finding: Finding, model: interp.Model, *, mode: str = "cut") -> interp.Spec:
         """``mode="cut"``: knock out the route's attention edges (per head); ``"keep"``: knock out, at each layer
