@@ -28,6 +28,7 @@ from interp.errors import InterpError
 from interp.finding import Finding
 
 from . import browser
+from .static import clean_token
 
 _KINDS = {"head": 0, "attn": 0, "resid": 1, "mlp": 2}
 
@@ -60,7 +61,7 @@ def page_data(routes: Finding, dla: Finding | None = None) -> dict:
     L, T, H, _ = imp["head"].shape
     p = routes.params or {}
     tau, combine = float(p.get("tau", 0.04)), bool(p.get("combine_heads", False))
-    toks = [str(t) for t in (p.get("tokens") or range(T))]
+    toks = [clean_token(t) for t in (p.get("tokens") or range(T))]
     per_token = []
     for i in range(T):
         rows = trace_routes(imp, i, tau, combine)
@@ -209,7 +210,8 @@ function select(i) {
 function drawHeads() {
   const g = document.getElementById("heads"), c = 14;
   g.innerHTML = "";
-  g.setAttribute("width", 30 + D.H * c); g.setAttribute("height", 16 + D.L * c);
+  g.setAttribute("width", 30 + D.H * c); g.setAttribute("height", 24 + D.L * c);
+  el("text", {x: 0, y: 20 + D.L * c, "font-size": 10}, g).textContent = "heads →, layer 0 at the bottom";
   const use = {};
   for (const [l, st, kind, h, src, tgt, w] of D.routes[sel]) if (kind === 0 && h >= 0) use[l + "," + h] = (use[l + "," + h] || 0) + w;
   let m = 1e-9;
@@ -217,7 +219,7 @@ function drawHeads() {
   for (let l = 0; l < D.L; l++) for (let h = 0; h < D.H; h++) {
     let fill = "#f4f4f4";
     if (D.dla) { const v = D.dla[l][h] / m; fill = v >= 0 ? `rgba(0,114,178,${v})` : `rgba(213,94,0,${-v})`; }
-    const r = el("rect", {x: 30 + h * c, y: 8 + l * c, width: c - 1, height: c - 1, fill: fill, class: "head",
+    const r = el("rect", {x: 30 + h * c, y: 4 + (D.L - 1 - l) * c, width: c - 1, height: c - 1, fill: fill, class: "head",
                           "data-l": l, "data-h": h, stroke: use[l + "," + h] ? "#000" : "none"}, g);
     r.addEventListener("mouseenter", () => showHead(l, h));
   }
