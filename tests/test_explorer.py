@@ -47,3 +47,10 @@ def test_refuses_findings_it_cannot_draw(findings, tmp_path):
         explorer.write([d], tmp_path)
     with pytest.raises(interp.InterpError, match="Finding"):
         explorer.write("routes.json", tmp_path)
+
+
+def test_a_saved_finding_draws_the_same_page(findings, tmp_path):
+    from interp.finding import Finding
+    r, d = findings
+    back = Finding.load(r.save(tmp_path / "routes"))
+    assert explorer.page_data(back, d) == explorer.page_data(r, d)

@@ -60,14 +60,15 @@ def _brute(hf, ids: torch.Tensor):
             for i in range(T):
                 mlp_resid[l, i], mlp[l, i] = _prox(post[i], [mid[i], m[i]])
             x = post
-    return head, attn_resid, mlp, mlp_resid, H, T
+    return head, attn_resid, mlp, mlp_resid, H, T, torch.stack([a[0] for a in out.attentions])
 
 
 def test_every_importance_equals_brute_force_on_tiny_llama():
     ids = random_ids(8)
     model = interp.load(tiny_hf("llama"), name="tiny-llama")
     f = routes(model, ids, tau=0.04)
-    head, attn_resid, mlp, mlp_resid, H, T = _brute(tiny_hf("llama"), ids)
+    head, attn_resid, mlp, mlp_resid, H, T, pattern = _brute(tiny_hf("llama"), ids)
+    torch.testing.assert_close(f.arrays["pattern"], pattern, atol=1e-5, rtol=1e-5)  # HF's own weights
     L = 3
     got = f.arrays
     for (l, i, h, j), w in head.items():
