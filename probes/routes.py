@@ -26,7 +26,9 @@ before the residual add (Gemma) fail that check and are refused. Masked-diffusio
 per-step routes yet).
 
 ``to_spec`` turns a route into an ``attn.knockout`` spec: ``mode="cut"`` blocks the route's head edges
-(each query → key in that head and layer); ``mode="keep"`` blocks, at each layer and each position the route
+(each query → key in that head and layer; the rest of the row is renormalised, as knockout does; where the
+route uses every key of a row, the head's output at that query is zeroed instead, ``attn.head_ablate``, since
+a row with every key blocked would renormalise to a uniform one); ``mode="keep"`` blocks, at each layer and each position the route
 passes through, the keys that no route edge uses (all heads; a position whose route is purely residual there
 is left alone, since blocking every key would leave a uniform pattern, not no attention).
 """
@@ -249,8 +251,11 @@ class Routes(Analysis):
         edits: list[dict] = []
         if mode == "cut":
             for (l, h, i), g in attn.groupby(["layer", "head", "target"]):
-                edits.append(interp.ops.knockout([int(l)], [int(i)], sorted(map(int, set(g.source))),
-                                                 heads="all" if h < 0 else [int(h)]))
+                keys, heads = sorted(map(int, set(g.source))), "all" if h < 0 else [int(h)]
+                if len(keys) == int(i) + 1:  # every key: a fully blocked row would renormalise to uniform
+                    edits.append(interp.ops.head_ablate([int(l)], heads=heads, queries=[int(i)]))
+                else:
+                    edits.append(interp.ops.knockout([int(l)], [int(i)], keys, heads=heads))
         elif mode == "keep":
             for (l, i), g in t[t.stage == "attn"].groupby(["layer", "target"]):
                 used = set(map(int, g[g.kind.isin(["head", "attn"])].source))

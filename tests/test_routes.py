@@ -185,3 +185,30 @@ def test_diffusion_is_refused():
     model = load_testbed_model("llada_diffusion")[0]
     with pytest.raises(interp.InterpError, match="per denoising step"):
         routes(model)
+
+
+def test_specs_block_exactly_the_route_or_its_complement():
+    model = interp.load(tiny_hf("llama"), name="tiny-llama")
+    ids = random_ids(8)
+    f = routes(model, ids, tau=0.04)
+    heads = f.table[f.table.kind == "head"]
+    sites = [f"blocks.{l}.attn.pattern" for l in range(model.n_layers)]
+    with interp.patch(model, f.to_spec(model=model, mode="cut")):
+        tr = interp.capture(model, ids, sites=sites + [f"blocks.{l}.attn.z" for l in range(model.n_layers)])
+    n_full = 0
+    for (l, h, i), g in heads.groupby(["layer", "head", "target"]):
+        if len(g) == i + 1:  # every key of the row is on the route: the head's output there is removed
+            assert float(tr[f"blocks.{l}.attn.z"][0, i, h].abs().max()) == 0
+            n_full += 1
+        for j in g.source:
+            assert len(g) == i + 1 or float(tr[f"blocks.{l}.attn.pattern"][0, h, i, j]) < 1e-6
+    assert 0 < n_full < heads.groupby(["layer", "head", "target"]).ngroups  # both cases are exercised
+    idx = [torch.tensor(heads[c].tolist()) for c in ("layer", "head", "target", "source")]
+    assert float(f.arrays["pattern"][tuple(idx)].min()) > 1e-3  # those edges carried attention before
+    with interp.patch(model, f.to_spec(model=model, mode="keep")):
+        tr = interp.capture(model, ids, sites=sites)
+    for (l, i), g in heads.groupby(["layer", "target"]):
+        A = tr[f"blocks.{l}.attn.pattern"][0, :, i, :i + 1]  # [H, keys]
+        used = set(g.source)
+        for j in range(i + 1):
+            assert (float(A[:, j].max()) < 1e-6) == (j not in used), (l, i, j)
