@@ -28,9 +28,9 @@ per-step routes yet).
 ``to_spec`` turns a route into an ``attn.knockout`` spec: ``mode="cut"`` blocks the route's head edges
 (each query → key in that head and layer; the rest of the row is renormalised, as knockout does; where the
 route uses every key of a row, the head's output at that query is zeroed instead, ``attn.head_ablate``, since
-a row with every key blocked would renormalise to a uniform one); ``mode="keep"`` blocks, at each layer and each position the route
-passes through, the keys that no route edge uses (all heads; a position whose route is purely residual there
-is left alone, since blocking every key would leave a uniform pattern, not no attention).
+a row with every key blocked would renormalise to a uniform one); ``mode="keep"`` blocks, at each layer and
+each position the route passes through, the keys that no route edge uses (all heads; a position whose route is
+purely residual there is left alone, since blocking every key would leave a uniform pattern, not no attention).
 """
 from __future__ import annotations
 

@@ -98,8 +98,9 @@ def test_every_importance_equals_brute_force_on_tiny_llama():
     have = {(int(r.layer), r.stage, r.kind, int(r.head), int(r.source), int(r.target)) for r in f.table.itertuples()}
     assert have == want and any(k[2] == "head" for k in want)
     for r in f.table.itertuples():
-        w = head[r.layer, r.target, r.head, r.source] if r.kind == "head" else (
-            {"attn": attn_resid, "mlp": mlp_resid}[r.stage][r.layer, r.target] if r.kind == "resid" else mlp[r.layer, r.target])
+        resid = {"attn": attn_resid, "mlp": mlp_resid}[r.stage]
+        w = (head[r.layer, r.target, r.head, r.source] if r.kind == "head"
+             else resid[r.layer, r.target] if r.kind == "resid" else mlp[r.layer, r.target])
         assert abs(r.importance - w) < 1e-5
     assert f.explain().startswith("The route into token 7 keeps")
 

@@ -75,7 +75,7 @@ def page_data(routes: Finding, dla: Finding | None = None) -> dict:
             "pattern": None if pat is None else torch.as_tensor(pat).float().round(decimals=4).tolist(),
             "dla": None if heads_dla is None else torch.as_tensor(heads_dla).float().round(decimals=4).tolist(),
             "dla_target": None if dla is None else (dla.metrics or {}).get("target"),
-            "title": f"Information-flow routes — {routes.model.get('name', '') if isinstance(routes.model, dict) else ''}"}
+            "title": "Information-flow routes — " + str((routes.model or {}).get("name", ""))}
 
 
 def write(findings: Any, out_dir: str | Path, name: str = "explorer.html") -> Path:
