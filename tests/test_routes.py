@@ -213,3 +213,11 @@ def test_specs_block_exactly_the_route_or_its_complement():
         used = set(g.source)
         for j in range(i + 1):
             assert (float(A[:, j].max()) < 1e-6) == (j not in used), (l, i, j)
+
+
+def test_figures_draw_every_edge():
+    model = interp.load(tiny_hf("llama"), name="tiny-llama")
+    f = routes(model, random_ids(8))
+    fig = f.plot()
+    assert len(fig.axes[0].lines) == len(f.table)  # one line (or MLP marker) per edge
+    assert len(f.plot(interactive=True).data) == len(f.table)
