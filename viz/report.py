@@ -303,6 +303,9 @@ def report(findings: Iterable | Mapping, out_dir: str | Path, title: str = "inte
         lis = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in skipped.items())
         files_section = f'<section id="skipped"><h2>Not run</h2><ul class="skipped">{lis}</ul></section>' + files_section
     (out / "plotly.min.js").write_text(_plotlyjs(), encoding="utf-8")
+    explorer = _explorer(items, out)
+    if explorer is not None:
+        nav.append(f'<a href="{explorer.name}"><b>route explorer</b></a>')
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -321,6 +324,21 @@ def report(findings: Iterable | Mapping, out_dir: str | Path, title: str = "inte
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _explorer(items: list[tuple[str, Any]], out: Path) -> Path | None:
+    """The interactive route explorer beside the report, when a ``probes.routes`` finding is among the items
+    (with the ``probes.dla`` finding, if any, for the head hover)."""
+    routes = [f for _, f in items if f.analysis == "probes.routes"]
+    if not routes:
+        return None
+    from . import explorer
+    dla = [f for _, f in items if f.analysis == "probes.dla"]
+    try:
+        return explorer.write(routes[:1] + dla[:1], out)
+    except Exception as e:  # noqa: BLE001 - the report stands without it
+        warnings.warn(f"viz.report: the route explorer could not be written: {e}")
+        return None
 
 
 def report_json_index(out_dir: str | Path) -> dict:
