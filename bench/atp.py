@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=5, help="capital prompt pairs (of the 5 built in)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-graddrop", action="store_true", help="accuracy rows without GradDrop (AtP* column = |AtP|)")
     args = ap.parse_args()
     offline()
     torch.set_num_threads(args.threads)
@@ -55,23 +56,31 @@ def main() -> None:
         ex = patching(model, c, corrupted=r, answers=a, foils=f, sites=["heads"], head_positions="each",
                       direction="noise", batch_size=64)
         t_exact = time.perf_counter() - t0
-        est = atp(model, c, corrupted=r, answers=a, foils=f, qk=False, graddrop=True)
+        est = atp(model, c, corrupted=r, answers=a, foils=f, qk=False, graddrop=not args.no_graddrop)
         e = ex.table.sort_values(["layer", "head", "position"]).reset_index(drop=True)
         z = est.table[est.table.node == "z"].sort_values(["layer", "head", "position"]).reset_index(drop=True)
         first = next(i for i, (x, y) in enumerate(zip(tok.encode(c), tok.encode(r))) if x != y)
         keep = torch.tensor((e.position >= first).values)
         cval = torch.tensor(e.delta.values)[keep]
         aval = torch.tensor(z.atp.values)[keep]
-        sval = torch.tensor(z.atp_star.values)[keep]
+        sval = torch.tensor(z.atp_star.values if "atp_star" in z else z.atp.abs().values)[keep]
         allc.append(cval), alla.append(aval), alls.append(sval)
         top = int(cval.abs().argmax())
         rows.append([f"{c.split()[-2]} -> {r.split()[-2]}", str(int(keep.sum())),
                      f"{spearman(aval, cval):.3f}", f"{spearman(aval.abs(), cval.abs()):.3f}",
                      f"{spearman(sval, cval.abs()):.3f}", f"{float(cval[top]):+.2f} / {float(aval[top]):+.2f}",
                      f"{t_exact:.0f}"])
+        print(f"  {rows[-1][0]}: exact sweep {t_exact:.0f} s", flush=True)
     C, A, S = torch.cat(allc), torch.cat(alla), torch.cat(alls)
     rows.append(["all pairs", str(len(C)), f"{spearman(A, C):.3f}", f"{spearman(A.abs(), C.abs()):.3f}",
                  f"{spearman(S, C.abs()):.3f}", "", ""])
+    T = model.encode(clean).input_ids.shape[1]
+    print(f"\nAtP / AtP* vs the exact head-output sweep: SmolLM2, {len(clean)} capital pairs x {T} tokens, "
+          f"M = logit difference (clean answer - corrupted answer), noising, {args.threads} thread(s)")
+    print(f"machine: {machine()}, load average {loadavg()}\n{versions()}\n")
+    print(table(["pair", "nodes", "rho AtP", "rho |AtP|", "rho AtP*", "top exact / AtP", "exact s"], rows))
+    print("\n(nodes at and after the corrupted token; rho AtP*: GradDrop magnitude vs |exact|; target >= 0.8)\n",
+          flush=True)
 
     # --- cost ----------------------------------------------------------------------------------------
     batch = model.encode(clean)
@@ -89,8 +98,8 @@ def main() -> None:
            "AtP + QK fix (z, q, k nodes)": lambda: atp(model, clean, qk=True, graddrop=False, **kw),
            "AtP* (QK fix + GradDrop)": lambda: atp(model, clean, qk=True, graddrop=True, **kw)}
     times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm-up
+    for k in ("plain forward + backward", "AtP (z nodes)"):
+        fns[k]()  # warm-up (the others share its code paths)
     for _ in range(args.repeats):
         for k, fn in fns.items():
             t0 = time.perf_counter()
@@ -99,12 +108,7 @@ def main() -> None:
     base = median(times["plain forward + backward"])
     cost = [[k, f"{median(ts) * 1e3:.0f}", f"{median(ts) / base:.2f}"] for k, ts in times.items()]
 
-    T = batch.input_ids.shape[1]
-    print(f"\nAtP / AtP* vs the exact head-output sweep: SmolLM2, {len(clean)} capital pairs x {T} tokens, "
-          f"M = logit difference (clean answer - corrupted answer), noising, {args.threads} thread(s)")
-    print(f"machine: {machine()}, load average {loadavg()}\n{versions()}\n")
-    print(table(["pair", "nodes", "rho AtP", "rho |AtP|", "rho AtP*", "top exact / AtP", "exact s"], rows))
-    print(f"\n(nodes at and after the corrupted token; rho AtP*: GradDrop magnitude vs |exact|; target >= 0.8)\n")
+    print(f"load average {loadavg()}")
     print(table(["cost (clean batch of all pairs)", "median ms", "x fwd+bwd"], cost))
     print(f"\n(median of {args.repeats}; target: AtP <= 3 x one forward + backward)")
     print("\nreproduce: " + reproduce("atp.py", sys.argv[1:]))
