@@ -72,9 +72,9 @@ def test_tiny_gpt2_neurons_sum_to_their_mlp():
             model.hf(input_ids=ids)
     finally:
         [h.remove() for h in hooks]
-    h, w = seen["h"][0, -1].double(), ad.unembed.weight[5].double()
+    h, w = seen["h"][0, -1].double(), ad.unembed.weight[5].detach().double()
     s = 1 / torch.sqrt(h.var(unbiased=False) + ad.final_norm.eps)
-    readout = lambda v: float(s * ((v - v.mean()) * ad.final_norm.weight.double()) @ w)  # noqa: E731
+    readout = lambda v: float(s * ((v - v.mean()) * ad.final_norm.weight.detach().double()) @ w)  # noqa: E731
     W = ad.mlp[2].c_proj.weight.double()  # Conv1D [d_mlp, d]: neuron n writes a_n W[n]
     a = seen["a"][0, -1].double()
     neur = t[(t.kind == "neuron") & (t.layer == 2)].sort_values("neuron")
