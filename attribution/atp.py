@@ -180,9 +180,12 @@ class AttributionPatching(Analysis):
                 for l in range(L):
                     drop["layer"] = l
                     est = backward(retain=l < L - 1)
-                    for k in gd:  # the node's own layer (and later ones) keep their gradient: plain AtP there
-                        own = torch.arange(L) <= l
-                        val = torch.where(own.view(1, L, *([1] * (est[k].dim() - 2))), base[k], est[k])
+                    for k in gd:  # Kramár et al.: Σ over dropped layers ℓ ≠ the node's own layer, / (L − 1)
+                        shape = (1, L, *([1] * (est[k].dim() - 2)))
+                        node = torch.arange(L).view(shape)
+                        # nodes below ℓ reach the metric through it: their gradient changes; nodes above it do
+                        # not (plain AtP); the node's own layer is left out of the sum
+                        val = torch.where(node < l, est[k], torch.where(node == l, torch.zeros_like(base[k]), base[k]))
                         gd[k] += val.abs()
                 gd = {k: v / max(1, L - 1) for k, v in gd.items()}
         m_r = metric_of(lr, "logit_diff", ans, fl)
