@@ -198,6 +198,44 @@ write("03_attribution.ipynb", [
              "print(d.summary())\nd.plot()"),
 ])
 
+write("04_circuits.ipynb", [
+    ("md", "# Which heads and layers? Causal selection on SmolLM2\n"
+           "Four tools answer the question an intervention starts from, on factual recall (\"The capital of France "
+           "is\" → \" Paris\"): direct logit attribution (what writes the answer), activation patching (what "
+           "carries the difference between a clean and a corrupted prompt), attribution patching (the same from "
+           "two forwards and one backward) and information-flow routes (how the answer position gathers "
+           "its information, from one forward pass). Each returns a Finding and exports a spec."),
+    ("code", "import torch, interp, viz\nmodel = interp.load('smollm2')\n"
+             "clean, corrupt = 'The capital of France is', 'The capital of Italy is'\n"
+             "paris, rome = ' Paris', ' Rome'"),
+    ("md", "## 1. Direct logit attribution\nEach head's, MLP's and the embedding's contribution to "
+           "logit(Paris) − logit(Rome), through the final norm with its scale frozen; the parts sum to the "
+           "logit difference exactly."),
+    ("code", "from probes.dla import dla\nf_dla = dla(model, clean, target=paris, foil=rome)\n"
+             "print(f_dla.explain())\nf_dla.plot()"),
+    ("md", "## 2. Activation patching\nRun the corrupted prompt, restore one clean activation at a time "
+           "(residual stream, attention and MLP outputs by layer and position, and each head), and score the "
+           "recovered logit difference (1 = fully restored)."),
+    ("code", "from probes.patching import patching\n"
+             "f_p = patching(model, clean, corrupted=corrupt, answers=paris, foils=rome, sites=['resid_pre', 'attn.out', 'mlp.out'])\n"
+             "print(f_p.explain())\nf_p.plot()"),
+    ("md", "## 3. Attribution patching (AtP, AtP*)\nA first-order estimate of every head's patching effect at every "
+           "position from two forwards and one backward; AtP* fixes the attention-softmax saturation (QK fix) and "
+           "adds GradDrop."),
+    ("code", "from attribution.atp import atp\nf_atp = atp(model, clean, corrupted=corrupt, answers=paris, foils=rome, graddrop=False)\n"
+             "print(f_atp.explain())\nf_atp.plot()"),
+    ("md", "## 4. Information-flow routes\nFrom one forward pass: which (layer, head, token) edges carry information "
+           "into the last position, kept when their importance exceeds τ = 0.04 (Ferrando & Voita 2024)."),
+    ("code", "from probes.routes import routes\nf_r = routes(model, clean)\nprint(f_r.explain())\nf_r.plot()"),
+    ("md", "## 5. From a finding to a measured intervention\nCut the route (knock out its attention edges) and "
+           "compare with as many random edges; then remove the top DLA heads."),
+    ("code", "b = model.encode(clean)\npid = model.tokenizer.encode(paris)[0]\n"
+             "p = lambda *specs: torch.softmax(model.logits(b, *specs)[0, -1].float(), -1)[pid].item()\n"
+             "cut = f_r.to_spec(model=model, mode='cut')\ntop = f_dla.to_spec(model=model, k=5)\n"
+             "print(f'p(Paris): {p():.3f} plain, {p(cut):.3f} with the route cut, {p(top):.3f} without the top-5 DLA heads')"),
+])
+
+
 if __name__ == "__main__":
     wanted = sys.argv[1:]
     for name, cells in NOTEBOOKS.items():

@@ -508,7 +508,6 @@ def localisation(finding, score: str = "pointing", **kw) -> go.Figure:
     return _layout(fig, _h(title_of(finding)), 460)
 
 
-
 # --------------------------------------------------------------------------------------------
 # causal selection: direct logit attribution, activation-patching sweeps, attribution patching
 # --------------------------------------------------------------------------------------------

@@ -963,7 +963,6 @@ def localisation(finding, score: str = "pointing", **kw) -> Figure:
     return fig
 
 
-
 # --------------------------------------------------------------------------------------------
 # causal selection: direct logit attribution, activation-patching sweeps, attribution patching
 # --------------------------------------------------------------------------------------------
