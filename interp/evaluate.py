@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .analysis import Analysis
+from .errors import InterpError
 from .finding import Finding
 from .patch import patch
 from .spec import Spec
@@ -37,3 +39,30 @@ def evaluate(model, spec: Spec | list[Spec], task: Task | str, *, limit: int | N
         metrics.update({"ppl_without": math.exp(mb), "ppl_with": math.exp(me)})
     return Finding("interp.evaluate", table, {"task": task.name, "limit": limit, "specs": [s.provenance for s in specs]},
                    model.identity(), task.name, metrics)
+
+
+class Evaluation(Analysis):
+    """A spec's measured effect on a task (what :func:`evaluate` returns), registered so its Findings load and
+    explain themselves like every other."""
+
+    name = "interp.evaluate"
+    title = "A spec's effect on a task"
+    requires = ()
+
+    def run(self, model, inputs=None, *, spec: Spec | list[Spec] | None = None, task: Task | str | None = None,
+            limit: int | None = None, seed: int = 0) -> Finding:
+        """``inputs``: the task (or give ``task=``); ``spec``: the spec(s) to measure."""
+        task = task if task is not None else inputs
+        if spec is None or task is None:
+            raise InterpError("an evaluation needs spec= and a task (a shipped task name, a .jsonl or a Task)")
+        return evaluate(model, spec, task, limit=limit, seed=seed)
+
+    def explain(self, finding: Finding) -> str:
+        m = finding.metrics
+        lo, hi = m["delta_ci"]
+        up_is_better = m["metric"] != "nll"
+        verdict = ("no change distinguishable from zero" if lo <= 0 <= hi
+                   else "better" if (lo > 0) == up_is_better else "worse")
+        return (f"On {m['task']} (n = {m['n']}), {m['metric']} goes from {m['without']:.3f} to {m['with']:.3f} under "
+                f"the spec: Δ {m['delta']:+.3f}, 95 % paired CI [{lo:+.3f}, {hi:+.3f}] ({verdict}; "
+                f"{m['changed_items']} items changed).")
