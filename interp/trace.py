@@ -89,6 +89,39 @@ class Trace:
     def __repr__(self) -> str:
         return f"Trace({len(self._values)} tensors: {self._describe()}; batch={tuple(self.input_ids.shape)})"
 
+    def plot(self, kind: str = "attn.pattern", interactive: bool = False, **kw):
+        """A figure of what was captured: ``attn.pattern`` (``layer=``, ``head=`` an index or "mean", ``batch=``)
+        or per-token norms by layer of a residual-like site (``resid_post`` …); drawn by viz."""
+        from . import analysis
+        draw = analysis.view("trace")
+        if draw is None:
+            raise InterpError("figures are drawn by the viz package: `import viz` first")
+        return draw(self, kind, interactive=interactive, **kw)
+
+    def _repr_html_(self) -> str:
+        """The notebook view: the prompt(s), then one row per site kind with its layers and shape."""
+        import html
+        kinds: dict[str, list] = {}
+        for name in self._values:
+            l, k = split_site(name)
+            kinds.setdefault(k, []).append(l)
+        rows = []
+        for k, ls in kinds.items():
+            ls = sorted(x for x in ls if x is not None)
+            first = self[f"blocks.{ls[0]}.{k}" if ls else k]
+            where = f"layers {ls[0]}–{ls[-1]} ({len(ls)})" if ls else "—"
+            axes = " × ".join(f"{a} {n}" for a, n in zip(AXES.get(k, ()), first.shape)) or str(tuple(first.shape))
+            rows.append(f"<tr><td><code>{html.escape(k)}</code></td><td>{where}</td><td>{html.escape(axes)}</td>"
+                        f"<td>{html.escape(str(first.dtype).replace('torch.', ''))}</td></tr>")
+        text = " ".join(self.tokens[0])[:160] if self.tokens else ""
+        return (f"<div><b>Trace</b> of {html.escape(self.meta.get('model', {}).get('name', '?'))}: "
+                f"{self.input_ids.shape[0]} sequence(s) × {self.input_ids.shape[1]} tokens "
+                f"<span style='color:#666'>({html.escape(text)}…)</span>"
+                "<table style='border-collapse:collapse;font-size:12px'><tr><th align=left>site</th>"
+                "<th align=left>where</th><th align=left>shape</th><th align=left>dtype</th></tr>"
+                + "".join(rows) + "</table><div style='color:#666;font-size:12px'>trace.plot(layer=…, head=…) draws "
+                "a pattern; trace[name] gives a tensor</div></div>")
+
     # tidy view -------------------------------------------------------------
     def to_frame(self, name: str | None = None):
         """Without a name: one row per tensor. With a name: long format, one row per element."""

@@ -81,7 +81,7 @@ write("00_first_steps.ipynb", [
              "    print(f\"p(' Rome') with token 0's residual halved after layer 11: {p(model.logits(b)):.3f}\")"),
     ("md", "## 6. Evaluate on a task, with confidence intervals\n`interp.evaluate` scores a shipped task with and "
            "without the spec (paired bootstrap CI of the difference)."),
-    ("code", "r = interp.evaluate(model, spec, 'capitals', limit=60)\nprint(r.explain() or r.summary())"),
+    ("code", "r = interp.evaluate(model, spec, 'capitals', limit=60)\nprint(r.explain())"),
 ])
 
 
@@ -112,8 +112,8 @@ write("01_sinks_and_massive_activations.ipynb", [
              "b = model.encode('The capital of Italy is')\nbase = model.logits(b)[0, -1]\n"
              "with interp.patch(model, spec):\n    edited = model.logits(b)[0, -1]\n"
              "print('top-1 without:', model.tokenizer.decode(base.argmax()), ' with:', model.tokenizer.decode(edited.argmax()))\n"
-             "print('max |Δ logit|:', float((edited - base).abs().max()))"),
-    ("code", "result = interp.evaluate(model, spec, 'capitals', limit=60)\nprint(result.summary())"),
+             "print(f'max |Δ logit|: {float((edited - base).abs().max()):.3f}')"),
+    ("code", "result = interp.evaluate(model, spec, 'capitals', limit=60)\nprint(result.explain())"),
 ])
 
 write("02_vision_heads_and_sinks.ipynb", [
@@ -160,7 +160,7 @@ write("02_vision_heads_and_sinks.ipynb", [
              "         'VAR': f_vs.to_spec(model=model, p=0.6)}\n"
              "for name, spec in specs.items():\n"
              "    m = interp.evaluate(model, spec, 'testbed_vqa', limit=60).metrics\n"
-             "    print(f\"{name}: accuracy {m['without']:.3f} -> {m['with']:.3f} (Δ {m['delta']:+.3f}, CI {m['delta_ci']})\")"),
+             "    print(f\"{name}: accuracy {m['without']:.3f} -> {m['with']:.3f} (Δ {m['delta']:+.3f}, CI [{m['delta_ci'][0]:+.3f}, {m['delta_ci'][1]:+.3f}])\")"),
 ])
 
 write("03_attribution.ipynb", [

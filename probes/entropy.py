@@ -36,7 +36,7 @@ class Entropy(Analysis):
     def run(self, model: interp.Model, prompts: list[str] | None = None, *, eta: float = 0.9, min_query: int = 8,
             max_tokens: int = 128) -> Finding:
         """Mean normalised attention entropy per (layer, head); heads above η are flagged uniform."""
-        prompts = prompts or paragraphs()
+        prompts = paragraphs() if prompts is None else prompts
         batch = model.encode(prompts)
         ids, am = batch.input_ids[:, :max_tokens], batch.attention_mask[:, :max_tokens]
         valid = am.bool().clone()

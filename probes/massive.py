@@ -106,7 +106,7 @@ class Massive(Analysis):
             ratio: float = 1000.0, max_dims: int = 8, max_token_frac: float = 0.1, max_tokens: int = 64,
             ablation: bool = True, seed: int = 0) -> Finding:
         """Find massive activations; optionally run the set-zero / set-mean / random-dims ablation."""
-        prompts = prompts or paragraphs()
+        prompts = paragraphs() if prompts is None else prompts
         batch = model.encode(prompts)
         if max_tokens:
             batch = _truncate(batch, max_tokens)

@@ -53,7 +53,7 @@ class SecondarySinks(Analysis):
 
 def _secondary_sinks(model: interp.Model, prompts: list[str] | None, cos_threshold: float, margin: int,
                      min_lifetime: int, max_tokens: int) -> Finding:
-    prompts = prompts or paragraphs()[:6]
+    prompts = paragraphs()[:6] if prompts is None else prompts
     L = model.n_layers
     rows, clip = [], []
     for i, p in enumerate(prompts):

@@ -69,20 +69,28 @@ class Sinks(Analysis):
     def run(self, model: interp.Model, prompts: list[str] | None = None, *, epsilon: float = 0.3, T: int = 64,
             chat: bool = False, batch_size: int = 4, progress: bool = True) -> Finding:
         """Sink importance α per (layer, head, key) and the sink rate, with the repeated-token control."""
-        prompts = list(prompts or paragraphs())
+        if prompts is None:
+            prompts = paragraphs()
+        elif isinstance(prompts, str):
+            prompts = [prompts]  # one prompt, not its characters
+        texts = isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts)
         if T < 2:
             raise interp.InterpError(f"T={T}: the sink metric needs at least 2 tokens per prompt (the paper uses 64)")
         notes = []
         if chat and not getattr(model.tokenizer, "chat_template", None):
             chat = False
             notes.append("the tokenizer has no chat template: the prompts were read as plain text")
+        if chat and not texts:
+            chat = False
+            notes.append("the inputs are token ids, not text: no chat template was applied")
         batch = model.encode([[{"role": "user", "content": p}] for p in prompts] if chat else prompts)
+        n_in = len(batch)
         keep = [i for i, n in enumerate(batch.lengths) if n >= T]
         if not keep:
-            raise interp.InterpError(f"none of the {len(prompts)} prompt(s) has T={T} tokens (longest: "
+            raise interp.InterpError(f"none of the {n_in} prompt(s) has T={T} tokens (longest: "
                                      f"{max(batch.lengths)}): give longer prompts or lower T")
-        if len(keep) < len(prompts):
-            notes.append(f"{len(prompts) - len(keep)} of {len(prompts)} prompts have fewer than T={T} tokens and "
+        if len(keep) < n_in:
+            notes.append(f"{n_in - len(keep)} of {n_in} prompts have fewer than T={T} tokens and "
                          "were left out")
         ids = batch.input_ids[keep, :T]
         alpha = _alpha(model, ids, batch_size, progress)  # [n, L, H, T]
