@@ -229,11 +229,16 @@ class Entropy(Reducer):
 
     def update(self, layer, weights, call):
         w = weights.detach().float()
-        if call.logits is not None and call.lse is not None:  # H = log Z − Σ_k p_k z_k, log Z from the kernel
-            H = call.lse.float() - torch.linalg.vecdot(w, call.logits.detach().float())
-        elif call.logits is not None:
-            # H = log Z − Σ_k p_k z_k with log Z = z_max − log p_max: no log over [b, h, q, k]
+        z = None
+        if call.logits is not None:
             z = call.logits.detach().float()
+            if call.logits.dtype in (torch.float16, torch.bfloat16):
+                # a half-precision mask (finfo.min plus a negative score) rounds to -inf, and 0 · -inf is NaN
+                z = torch.nan_to_num(z, nan=0.0, neginf=torch.finfo(torch.float32).min)
+        if z is not None and call.lse is not None:  # H = log Z − Σ_k p_k z_k, log Z from the kernel
+            H = call.lse.float() - torch.linalg.vecdot(w, z)
+        elif z is not None:
+            # H = log Z − Σ_k p_k z_k with log Z = z_max − log p_max: no log over [b, h, q, k]
             # (softmax is monotonic, so p_max is the weight at z's argmax; two amax passes beat max + gather)
             H = z.amax(-1) - torch.log(w.amax(-1)) - torch.linalg.vecdot(w, z)
         else:

@@ -106,7 +106,8 @@ def frozen_norm_readout(model: interp.Model, h: torch.Tensor, w: torch.Tensor) -
     with torch.no_grad():
         want = (norm(h[:, None])[:, 0].double() * w64).sum(-1)
     got = (h64 * u).sum(-1) + c
-    if not torch.allclose(got, want, rtol=_TOL, atol=_TOL * float(want.abs().max().clamp_min(1))):
+    tol = tolerance(model)
+    if not torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max().clamp_min(1))):
         raise interp.InterpError(f"{model.name}: the final norm {type(norm).__name__} is not the "
                                  f"{'LayerNorm' if center else 'RMSNorm'} formula DLA assumes (max error "
                                  f"{float((got - want).abs().max()):.3g}); its scale cannot be frozen this way")
@@ -151,6 +152,7 @@ class DirectLogitAttribution(Analysis):
             inputs, target = [f["prompt"] for f in fs], target if target is not None else [f["answer"] for f in fs]
         batch = model.encode(inputs)
         n, L, H = len(batch), model.n_layers, model.n_heads
+        tol = tolerance(model)
         pos = torch.tensor(answer_positions(batch))
         rows = torch.arange(n)
         sites = (["blocks.0.resid_pre", f"blocks.{L - 1}.resid_post", "logits"]
@@ -195,7 +197,7 @@ class DirectLogitAttribution(Analysis):
             per_head = torch.einsum("nhd,hdm->nhm", z, WO.double())  # [n, H, d]
             attn_out = at(f"blocks.{l}.attn.out")
             recon_attn = per_head.sum(1) + (bO.double() if bO is not None else 0)
-            _check(recon_attn, attn_out, f"layer {l}: heads' outputs through W_O do not sum to attn.out")
+            _check(recon_attn, attn_out, f"layer {l}: heads' outputs through W_O do not sum to attn.out", tol)
             head_mat[:, l] = (per_head * u[:, None]).sum(-1)
             for hh in range(H):
                 names.append(f"L{l}H{hh}"), kinds.append("head"), layers.append(l), heads.append(hh)
@@ -208,14 +210,15 @@ class DirectLogitAttribution(Analysis):
             cols.append((mlp * u).sum(-1))
             recon = recon + attn_out + mlp
         _check(recon, h, "embedding + attention + MLP outputs do not add up to the last residual stream: this "
-               "architecture normalises sublayer outputs before the residual add (e.g. Gemma), which DLA does not split")
+               "architecture normalises sublayer outputs before the residual add (e.g. Gemma), which DLA does not split",
+               tol)
         names.append("bias"), kinds.append("bias"), layers.append(-1), heads.append(-1)
         cols.append(const)
         per_prompt = torch.stack(cols, 1)  # [n, components]
         total = per_prompt.sum(1)
         err = float(((total - value).abs() / value.abs().clamp_min(1e-6)).max())
         _check(total[:, None], value[:, None], "the components do not sum to the model's logit (a model that caps "
-               "its logits, e.g. with tanh, is not a sum of components)")
+               "its logits, e.g. with tanh, is not a sum of components)", tol)
         table = pd.DataFrame({"component": names, "kind": kinds, "layer": layers, "head": heads,
                               "score": per_prompt.mean(0).numpy(), "std": per_prompt.std(0, unbiased=False).numpy()})
         arrays = {"per_prompt": per_prompt.float(), "heads": head_mat.mean(0).float()}
@@ -227,7 +230,8 @@ class DirectLogitAttribution(Analysis):
                 nrows.append(contrib)
                 bd = down_proj(model, l).bias
                 _check(contrib.sum(1) + ((bd.double() * u).sum(-1) if bd is not None else 0),
-                       per_prompt[:, names.index(f"L{l} MLP")], f"layer {l}: neurons do not sum to the MLP's contribution")
+                       per_prompt[:, names.index(f"L{l} MLP")], f"layer {l}: neurons do not sum to the MLP's contribution",
+                       tol)
             neur = torch.stack(nrows, 1)  # [n, L, d_mlp]
             arrays["neurons"] = neur.mean(0).float()
             d_mlp = neur.shape[-1]
@@ -284,10 +288,16 @@ class DirectLogitAttribution(Analysis):
                 f"model's {what} within {m['max_rel_error'] * 100:.1g} %.")
 
 
-def _check(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+def tolerance(model: interp.Model) -> float:
+    """Relative tolerance of the reconstruction checks: float rounding of the model's own dtype (the parts are
+    summed in float64, the model's activations they are checked against carry its rounding)."""
+    return max(_TOL, 8 * torch.finfo(model.adapter.embed.weight.dtype).eps)
+
+
+def _check(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = _TOL) -> None:
     scale = float(want.abs().max().clamp_min(1))
     err = float((got - want).abs().max())
-    if err > _TOL * scale:
+    if err > tol * scale:
         raise interp.InterpError(f"{what} (max error {err:.3g} at scale {scale:.3g})")
 
 
