@@ -477,12 +477,15 @@ class Patch(Op):
     name = "patch"
     fields = {"site": Field(("resid_pre", "resid_post", "attn.out", "mlp.out", "attn.z"), True), "positions": SEL,
               "tensor": Field("tensor", True)}
-    on_heads, tensor_ranks = False, (3, 4, 5)
+    tensor_ranks = (3, 4, 5)  # 'heads' only on the attn.z site: only those heads' z is replaced
 
     def kind(self, e):
         return "z" if e["site"] == "attn.z" else "resid"
 
     def validate(self, e, path, tensors):
+        if "heads" in e and e["site"] != "attn.z":
+            raise InterpError(f"spec.{path}.heads: patch at {e['site']} acts on the residual stream, not on heads "
+                              "(heads are patched at site 'attn.z')")
         super().validate(e, path, tensors)
         rank = tensors[e["tensor"]].dim()
         if rank not in ((4, 5) if e["site"] == "attn.z" else (3, 4)):
@@ -586,9 +589,40 @@ class Amplify(Op):
         return torch.where(where, z + float(e["alpha"]) * z.abs(), z)
 
 
+class ProjectOut(Op):
+    name = "resid.project_out"
+    fields = {"positions": SEL, "site": Field(("resid_pre", "resid_post")), "tensor": Field("tensor", True),
+              "strength": _num(-MAX_GAIN, MAX_GAIN), "value": _num(-MAX_ACT, MAX_ACT)}
+    need, on_heads, tensor_ranks = "resid", False, (1, 2)
+
+    def neutral(self, e):
+        return float(e.get("strength", 1.0)) == 0.0
+
+    def validate(self, e, path, tensors):
+        super().validate(e, path, tensors)
+        t = tensors[e["tensor"]]
+        if bool((t.double().norm(dim=-1) == 0).any()):
+            raise InterpError(f"spec.{path}.tensor: sidecar tensor {e['tensor']!r} has a zero direction: "
+                              "resid.project_out needs a nonzero direction per layer")
+
+    def shapes(self, e, model):
+        return [(model.d_model,), (_edit_layers(e, model.n_layers), model.d_model)]
+
+    def shape_help(self):
+        return "[d_model] or [layers of the edit, d_model] (directions; normalised when applied)"
+
+    def on_resid(self, hook, e, j, h, sel, off):
+        """h'_t = h_t − s·(h_t·û − c)·û with û = v/‖v‖ (s = 1, c = 0: the component along v removed)."""
+        t = hook.spec.tensors[e["tensor"]]
+        u = (t[j] if t.dim() == 2 else t).double()
+        u = (u / u.norm()).to(h.dtype)
+        coef = (h @ u - float(e.get("value", 0.0))) * float(e.get("strength", 1.0))
+        return h - (coef * sel.to(h.dtype))[..., None] * u
+
+
 OPS: dict[str, Op] = {op.name: op for op in (ScaleWeights(), AddLogitBias(), ReplacePattern(), Knockout(),
                                              HeadScale(), HeadAblate(), ResidAdd(), SuppressDims(), Patch(),
-                                             OEB(), SMI(), Amplify())}
+                                             OEB(), SMI(), Amplify(), ProjectOut())}
 
 
 def op_of(e: dict) -> Op:
@@ -689,9 +723,18 @@ def suppress_dims(layers: Layers, dims: Sequence[int], *, positions: Selector | 
                  mode=mode, value=value, tensor=tensor)
 
 
-def patch_site(layers: Layers, site: str, tensor: torch.Tensor | str, *, positions: Selector | None = None) -> Edit:
-    """patch: x'_t = x^{src}_t at a site (activation patching from a saved Trace)."""
-    return _edit("patch", layers, None, site=site, positions=positions, tensor=tensor)
+def project_out(layers: Layers, tensor: torch.Tensor | str, *, positions: Selector | None = None,
+                site: str | None = None, strength: float | None = None, value: float | None = None) -> Edit:
+    """resid.project_out: h'_t = h_t − s·(h_t·û − c)·û, û = v/‖v‖ (s = 1, c = 0 removes the component on v)."""
+    return _edit("resid.project_out", layers, None, positions=positions, site=site, tensor=tensor,
+                 strength=strength, value=value)
+
+
+def patch_site(layers: Layers, site: str, tensor: torch.Tensor | str, *, positions: Selector | None = None,
+               heads: Heads | None = None) -> Edit:
+    """patch: x'_t = x^{src}_t at a site (activation patching from a saved Trace); at ``attn.z``, ``heads``
+    restricts it to those heads' z (z'_{t,h} = z^{src}_{t,h} for h ∈ heads, the other heads unchanged)."""
+    return _edit("patch", layers, heads, site=site, positions=positions, tensor=tensor)
 
 
 def oeb(layers: Layers, segment: Selector, bridge: Selector, *, heads: Heads = "all", queries: Selector | None = None,

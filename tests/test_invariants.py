@@ -61,13 +61,15 @@ def make_edit(name, sel, m):
         "oeb": ({"op": "attn.oeb", "layers": L, "queries": sel, "segment": "1:4", "bridge": [4, 5], "tau_max": 0.6}, {}),
         "smi": ({"op": "attn.smi", "layers": L, "queries": sel, "source": [1, 2], "scale": 0.5}, {}),
         "amplify": ({"op": "attn.amplify", "layers": L, "queries": "all", "keys": sel, "alpha": 0.5}, {}),
+        "project_out": ({"op": "resid.project_out", "layers": L, "positions": sel, "tensor": "u", "strength": 0.7,
+                         "value": 0.3}, {"u": _rand(d, seed=6).float()}),
     }
     return edits[name]
 
 
 OP_NAMES = ["scale", "scale_redistribute", "scale_raw", "bias", "distance", "bias_tensor", "local_window", "copy_head",
             "knockout", "head_scale", "ablate_zero", "ablate_mean", "resid_add", "suppress", "patch_resid", "patch_z",
-            "oeb", "smi", "amplify"]
+            "oeb", "smi", "amplify", "project_out"]
 
 
 def test_every_op_is_covered():
@@ -170,6 +172,7 @@ NEUTRAL = [
     {"op": "resid.suppress_dims", "layers": "all", "dims": [0, 3], "mode": "clamp", "value": 1e30},
     {"op": "attn.smi", "layers": "all", "queries": "all", "source": "1:3", "scale": 0.0},
     {"op": "attn.amplify", "layers": "all", "keys": "all", "alpha": 0.0},
+    {"op": "resid.project_out", "layers": "all", "tensor": "v", "strength": 0.0},
 ]
 
 
@@ -348,6 +351,9 @@ def test_float64_reference(name, sel):
             want[rows.nonzero()[:, 0][:, None], torch.tensor([1, 5])] = 0.0
         elif name == "patch_resid":
             want = torch.where(rows[:, None], tensors["src"][0, :T], R)
+        elif name == "project_out":
+            u = tensors["u"] / tensors["u"].norm()
+            want = torch.where(rows[:, None], R - 0.7 * (R @ u - 0.3)[:, None] * u, R)
     with interp.patch(m, s):
         got = interp.capture(m, b, sites=f"blocks.{l}.{site}")[f"blocks.{l}.{site}"][0]
     assert want is not None
