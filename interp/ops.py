@@ -768,3 +768,110 @@ def mean_z(model, prompts, layers: Sequence[int]) -> torch.Tensor:
     if n == 0:
         raise InterpError("mean_z: the reference prompts have no tokens")
     return torch.stack([(tr[f"blocks.{l}.attn.z"].double() * w).sum((0, 1)) / n for l in layers]).float()
+
+
+# ------------------------------------------------------------------------------------------- decoding ops
+class _Decode(Op):
+    """An op on the model's output logits (kind ``decode``): the patching layer calls :meth:`on_output` with the
+    logits of the forward, after every attention and residual edit of that forward. ``layers`` names the layers
+    the op reads (SLA's window) or edits in its reference pass (CFG's knockout)."""
+
+    need, on_heads = "decode", False
+
+    def on_output(self, hook, e: dict, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CFG(_Decode):
+    name = "decode.cfg"
+    fields = {"keys": Field("selector"), "gamma": _num(-MAX_GAIN, MAX_GAIN, True), "cutoff": _num(0.0, 1.0)}
+
+    def neutral(self, e):
+        return float(e["gamma"]) == 1.0
+
+    def on_output(self, hook, e, logits):
+        """PAI's CFG step (Liu et al., ECCV'24; LALBJ/PAI CFG.py): with ℓ = log_softmax(logits) and ℓ₀ the same from
+        the reference pass (the image keys knocked out in ``layers``), ℓ' = γ(ℓ − ℓ₀) + ℓ₀ where p ≥ β·max p, and
+        the blocking value elsewhere (β = ``cutoff``, 0.1)."""
+        ref = hook.reference_logits(e)
+        lp = torch.log_softmax(logits.double(), -1)
+        l0 = torch.log_softmax(ref.double(), -1)
+        out = float(e["gamma"]) * (lp - l0) + l0
+        beta = float(e.get("cutoff", 0.1))
+        if beta > 0:
+            out = out.masked_fill(lp < math.log(beta) + lp.amax(-1, keepdim=True), BLOCK)
+        return out.to(logits.dtype)
+
+
+class SLA(_Decode):
+    name = "decode.sla"
+    fields = {"alpha": _num(0.0, 1.0, True)}
+
+    def neutral(self, e):
+        return float(e["alpha"]) == 0.0
+
+    def on_output(self, hook, e, logits):
+        """VISTA's SLA (Li et al., ICML'25): z' = (1−α) z^L + α · mean_{l∈layers} z^l, z^l = W_U norm_f(h^l) the
+        logit lens of ``blocks.{l}.resid_post`` at the same positions."""
+        lens = torch.stack([hook.lens(l, logits.shape[1]).double() for l in hook.layer_list(e)]).mean(0)
+        a = float(e["alpha"])
+        return ((1 - a) * logits.double() + a * lens).to(logits.dtype)
+
+
+class VSV(Op):
+    name = "resid.vsv"
+    fields = {"positions": SEL, "site": Field(("mlp.out", "attn.out", "resid_post")), "tensor": Field("tensor", True),
+              "lam": _num(-MAX_GAIN, MAX_GAIN, True)}
+    need, on_heads, tensor_ranks = "resid", False, (1, 2)
+
+    def neutral(self, e):
+        return float(e["lam"]) == 0.0
+
+    def validate(self, e, path, tensors):
+        super().validate(e, path, tensors)
+        t = tensors[e["tensor"]]
+        if bool((t.double().norm(dim=-1) == 0).any()):
+            raise InterpError(f"spec.{path}.tensor: sidecar tensor {e['tensor']!r} has a zero vector: resid.vsv needs "
+                              "a nonzero steering vector per layer")
+
+    def shapes(self, e, model):
+        return [(model.d_model,), (_edit_layers(e, model.n_layers), model.d_model)]
+
+    def shape_help(self):
+        return "[d_model] or [layers of the edit, d_model] (steering vectors; normalised when applied)"
+
+    def site(self, e):
+        return e.get("site", "mlp.out")
+
+    def on_resid(self, hook, e, j, h, sel, off):
+        """VISTA's VSV: x' = ‖x‖ · n(n(x) + λ·λ_sim·n(v)), λ_sim = 1 + max(0, cos(x, −v)), n(u) = u/‖u‖."""
+        t = hook.spec.tensors[e["tensor"]]
+        v = (t[j] if t.dim() == 2 else t).double()
+        v = v / v.norm()
+        x = h.double()
+        norm = x.norm(dim=-1, keepdim=True)
+        xn = x / norm.clamp_min(1e-30)
+        lam_sim = 1 + (-(xn @ v)).clamp_min(0)[..., None]
+        y = xn + float(e["lam"]) * lam_sim * v
+        new = (norm * y / y.norm(dim=-1, keepdim=True).clamp_min(1e-30)).to(h.dtype)
+        return torch.where(sel[..., None], new, h)
+
+
+OPS.update({op.name: op for op in (CFG(), SLA(), VSV())})
+
+
+def cfg(gamma: float = 1.1, *, layers: Layers = "all", keys: Selector | None = None, cutoff: float | None = None) -> Edit:
+    """decode.cfg (PAI): ℓ' = γ(ℓ − ℓ₀) + ℓ₀ on tokens with p ≥ cutoff·max p, ℓ₀ from the same input with ``keys``
+    (default ``role:image``) knocked out in ``layers``."""
+    return _edit("decode.cfg", layers, None, keys=keys, gamma=gamma, cutoff=cutoff)
+
+
+def sla(layers: Layers, alpha: float = 0.3) -> Edit:
+    """decode.sla (VISTA): z' = (1−α) z^L + α mean_{l∈layers} z^l (logit lens of each layer's resid_post)."""
+    return _edit("decode.sla", layers, None, alpha=alpha)
+
+
+def vsv(layers: Layers, tensor: torch.Tensor | str, lam: float = 0.17, *, positions: Selector | None = None,
+        site: str | None = None) -> Edit:
+    """resid.vsv (VISTA): x' = ‖x‖·n(n(x) + λ·λ_sim·n(v)), λ_sim = 1 + max(0, cos(x, −v)), at the MLP output."""
+    return _edit("resid.vsv", layers, None, positions=positions, site=site, tensor=tensor, lam=lam)

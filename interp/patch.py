@@ -67,9 +67,13 @@ class _SpecHook:
         self.engine = model.engine
         n_layers, n_heads = model.n_layers, model.n_heads
         self.by_layer: dict[int, list[tuple[dict, str, int]]] = {}
+        self.decode: list[dict] = []
         for e in spec.edits:
             op = OPS[e["op"]]
             if op.neutral(e):  # an identity edit is not run: the model computes exactly what it computed before
+                continue
+            if op.kind(e) == "decode":  # on the output logits (see _Decoder), not at a layer
+                self.decode.append(e)
                 continue
             layers = list(range(n_layers)) if e["layers"] == "all" else e["layers"]
             for j, l in enumerate(layers):
@@ -192,7 +196,20 @@ class _SpecHook:
                 site = OPS[e["op"]].site(e)
                 fn = self._edit_fn(e, j, l)
                 handles.append(_site_hook(self.model, l, site, fn, owner))
+        if self.decode:
+            self.decoder = _Decoder(self, owner)
+            handles += self.decoder.handles
         return handles
+
+    # decoding edits (called by the decode ops through the compiled spec) ----------------------------------
+    def layer_list(self, e: dict) -> list[int]:
+        return list(range(self.model.n_layers)) if e["layers"] == "all" else list(e["layers"])
+
+    def lens(self, layer: int, n: int) -> torch.Tensor:
+        return self.decoder.lens(layer, n)
+
+    def reference_logits(self, e: dict) -> torch.Tensor:
+        return self.decoder.reference_logits(e)
 
     def _edit_fn(self, e, j, layer):
         op = OPS[e["op"]]
@@ -205,6 +222,108 @@ class _SpecHook:
             sel = self._select(e.get("positions", "all"), b, off + T, layer)[:, off:off + T]
             return op.on_resid(self, e, j, h, sel, off)
         return fn
+
+
+class _Decoder:
+    """Decoding edits of one compiled spec (``decode.sla``, ``decode.cfg``): a forward hook on the whole model
+    rewrites its output logits, edit by edit in spec order, after every other edit of the forward has run.
+
+    * SLA reads the residual stream ``blocks.{l}.resid_post`` of its window, recorded during the same forward by
+      forward hooks on those layers, and decodes it with the model's own final norm and unembedding (their
+      ``forward``, so hooks on them, e.g. a capture of ``final``, do not fire twice; a soft cap is applied as the
+      model applies it), at the positions the model returned logits for (the last ones under ``logits_to_keep``).
+    * CFG's reference pass is the same call again (same inputs, pixels, mask and positions) with the edit's
+      ``keys`` (the image tokens) knocked out from every query in its ``layers``, under every other edit of the
+      spec; decoding edits do not run inside it. Under cached generation it keeps a KV cache of its own, started
+      afresh at every forward that begins at position 0.
+    """
+
+    def __init__(self, hook: "_SpecHook", owner: int):
+        self.hook, self.model, self.owner = hook, hook.model, owner
+        self.nested = False
+        self.states: dict[int, torch.Tensor] = {}
+        self.caches: dict[int, object] = {}
+        self.call: tuple = ((), {})
+        ad = self.model.adapter
+        self.knockouts = {}
+        for e in hook.decode:
+            if e["op"] == "decode.cfg":
+                ko = Spec(hook.spec.model, [{"op": "attn.knockout", "layers": e["layers"], "queries": "all",
+                                             "keys": e.get("keys", "role:image")}])
+                self.knockouts[id(e)] = _SpecHook(self.model, ko)
+        sla = sorted({l for e in hook.decode if e["op"] == "decode.sla" for l in hook.layer_list(e)})
+        self.handles = [ad.layers[l].register_forward_hook(self._record(l)) for l in sla]
+        self.handles.append(self.model.hf.register_forward_hook(self._post, with_kwargs=True))
+
+    def _mine(self) -> bool:
+        if threading.get_ident() != self.owner:
+            self.model.engine.check_thread()
+            return False
+        return not self.nested
+
+    def _record(self, layer: int) -> Callable:
+        def fn(mod, args, out):
+            if self._mine():
+                self.states[layer] = out[0] if isinstance(out, tuple) else out
+        return fn
+
+    def _post(self, mod, args, kwargs, out):
+        if not self._mine():
+            return out
+        logits = out[0] if isinstance(out, tuple) else out.logits
+        if logits is None:
+            return out
+        self.call = (args, kwargs)
+        try:
+            for e in self.hook.decode:
+                if self.hook._active(e):
+                    logits = OPS[e["op"]].on_output(self.hook, e, logits)
+        finally:
+            self.states.clear()
+            self.call = ((), {})
+        if isinstance(out, tuple):
+            return (logits,) + tuple(out[1:])
+        out.logits = logits
+        return out
+
+    def lens(self, layer: int, n: int) -> torch.Tensor:
+        """z^l = W_U · norm_f(h^l) at the last ``n`` positions of this forward."""
+        ad = self.model.adapter
+        h = self.states.get(layer)
+        if h is None:
+            raise InterpError(f"decode.sla: layer {layer}'s residual stream was not recorded in this forward")
+        z = ad.unembed.forward(ad.final_norm.forward(h[:, h.shape[1] - n:]))
+        cap = getattr(ad, "logit_softcap", None)
+        if cap is None:
+            cap = getattr(getattr(ad.lm, "config", None), "final_logit_softcapping", None)
+        return torch.tanh(z / cap) * cap if cap else z
+
+    def reference_logits(self, e: dict) -> torch.Tensor:
+        """The logits of this forward's inputs with the edit's keys knocked out (CFG's "no image" pass)."""
+        from transformers.cache_utils import Cache, DynamicCache
+        args, kwargs = self.call
+        kwargs = dict(kwargs)
+        eng = self.model.engine
+        for k, v in list(kwargs.items()):
+            if isinstance(v, Cache):
+                mine = self.caches.get(id(e))
+                if eng.offset == 0 or mine is None:
+                    mine = self.caches[id(e)] = DynamicCache(config=self.model.hf.config)
+                if mine.get_seq_length() != eng.offset:
+                    raise InterpError(f"decode.cfg: the reference pass holds {mine.get_seq_length()} cached tokens but "
+                                      f"the model's cache holds {eng.offset}: generate from the start under the patch")
+                kwargs[k] = mine
+        ko = self.knockouts[id(e)]
+        ko.bias_cache.clear()
+        offset = eng.offset
+        self.nested = True
+        try:
+            with eng.using(ko):
+                out = self.model.hf(*args, **kwargs)
+        finally:
+            self.nested = False
+            eng.offset = offset
+        return out[0] if isinstance(out, tuple) else out.logits
 
 
 def _site_hook(model, layer: int | None, site: str, fn: Callable, owner: int):
