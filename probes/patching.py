@@ -15,7 +15,9 @@ necessary). For each cell (site, layer, position) or (layer, head[, position]):
 Sites: ``resid_pre``, ``attn.out``, ``mlp.out`` swept over (layer, position); ``heads``: the per-head output
 z (``attn.z``, before the output projection) of one head at every position (``head_positions="all"``) or at
 one position (``"each"``). Cells run batched: each row of one forward is the base prompt with its own patch
-(a ``patch`` Spec whose positions are a per-row role).
+(a ``patch`` Spec whose positions are a per-row role). ``to_spec`` exports the top-k cells as one ``patch`` spec
+(head cells as ``patch`` at ``attn.z`` restricted to those ``heads``), which ``interp.evaluate`` measures on a
+task. docs/methods.md §16.
 """
 from __future__ import annotations
 
@@ -254,30 +256,43 @@ class PatchingSweep(Analysis):
 
     def to_spec(self, finding: Finding, model: interp.Model, *, k: int = 1, pair: int = 0,
                 sites: Sequence[str] | None = None) -> interp.Spec:
-        """A ``patch`` spec of the k highest-scoring residual-site cells (resid_pre / attn.out / mlp.out) with the
-        source prompt's activations (pair ``pair``) in the sidecar; it replays on the base prompt (any prompt
-        of that length). Head cells are not exported: the ``patch`` op takes no ``heads`` (it replaces every
-        head's z at a position)."""
+        """A ``patch`` spec of the k highest-scoring cells of ``sites`` (default: every swept site) with the source
+        prompt's activations (pair ``pair``) in the sidecar; it replays on the base prompt (any prompt of that
+        length). A residual cell (resid_pre / attn.out / mlp.out) patches its position; a head cell patches that
+        head's z only (``patch`` at ``attn.z`` with ``heads``), at every position or at its own one."""
         t = finding.table
-        t = t[t.site.isin([s for s in (sites or RESID_SITES) if s in RESID_SITES])]
+        want = list(sites or SITES)
+        bad = [s for s in want if s not in SITES]
+        if bad:
+            raise interp.InterpError(f"sites={bad}: sweep sites are {SITES}")
+        t = t[t.site.isin(want)]
         if t.empty:
-            raise interp.InterpError("no resid_pre / attn.out / mlp.out cells in this finding to export; head cells "
-                                     "cannot be: the patch op has no `heads` field (it replaces every head's z)")
+            raise interp.InterpError(f"no cells of {want} in this finding (it swept {sorted(set(finding.table.site))})")
         p = finding.params
         if not 0 <= pair < len(p["clean_ids"]):
             raise interp.InterpError(f"pair={pair}: the finding has {len(p['clean_ids'])} pairs")
+        if not isinstance(k, int) or k < 1:
+            raise interp.InterpError(f"k={k!r}: give the number of cells to export (≥ 1)")
         top = t.sort_values("score", ascending=False).head(k)
         src_ids = p["clean_ids" if p["direction"] == "denoise" else "corrupted_ids"][pair]
-        names = sorted({f"blocks.{int(r.layer)}.{r.site}" for r in top.itertuples()})
+        names = sorted({f"blocks.{int(r.layer)}.{'attn.z' if r.site == 'heads' else r.site}" for r in top.itertuples()})
         tr = interp.capture(model, {"input_ids": torch.tensor([src_ids])}, sites=names)
         edits, tensors = [], {}
         for (site, l), g in top.groupby(["site", "layer"]):
+            if site == "heads":
+                name = f"z_{int(l)}"
+                tensors[name] = tr[f"blocks.{int(l)}.attn.z"]
+                for pos, gh in g.groupby("position"):  # position -1: the head at every position
+                    edits.append(interp.ops.patch_site([int(l)], "attn.z", name, heads=sorted(int(h) for h in gh["head"]),
+                                                       positions="all" if int(pos) < 0 else [int(pos)]))
+                continue
             name = f"{site.replace('.', '_')}_{int(l)}"
             tensors[name] = tr[f"blocks.{int(l)}.{site}"]
             edits.append({"op": "patch", "site": site, "layers": [int(l)],
                           "positions": sorted(int(x) for x in g.position), "tensor": name})
         return interp.Spec.for_model(model, edits, analysis=self.name, prompts=finding.prompts, tensors=tensors,
-                                     params={"k": k, "pair": pair, "direction": p["direction"], "metric": p["metric"]})
+                                     params={"k": k, "pair": pair, "direction": p["direction"], "metric": p["metric"],
+                                             "sites": want})
 
     def explain(self, finding: Finding) -> str:
         m = finding.metrics

@@ -122,8 +122,13 @@ def test_tiny_kl_prob_noise_and_spec():
     z = model.answer_logits({"input_ids": corrupt}, spec)[0].double()
     assert float(z[3] - z[4]) == pytest.approx(f.metrics["metric_base"] + float(top.delta), abs=1e-4)
     heads_only = patching(model, sites=["heads"], **{k: v for k, v in kw.items() if k != "sites"}, foils=[4])
-    with pytest.raises(interp.InterpError, match="heads"):
-        heads_only.to_spec(model=model)
+    spec = heads_only.to_spec(model=model, k=1)
+    top = heads_only.table.sort_values("score", ascending=False).iloc[0]
+    assert [e["heads"] for e in spec.edits] == [[int(top["head"])]]
+    z = model.answer_logits({"input_ids": corrupt}, spec)[0].double()
+    assert float(z[3] - z[4]) == pytest.approx(heads_only.metrics["metric_base"] + float(top.delta), abs=1e-4)
+    with pytest.raises(interp.InterpError, match="sites"):
+        heads_only.to_spec(model=model, sites=["resid_post"])
 
 
 def test_bad_inputs_are_refused_and_leave_the_model_unchanged():
@@ -162,6 +167,67 @@ def test_smollm2_small_sweep(smol):
         want = _manual(smol, ci, ri, "heads", 20, int(h), paris, rome)
         assert _cell(f, "heads", 20, int(h)) == pytest.approx(want, abs=1e-3)
     assert f.metrics["answers"] == [" Paris"] and f.metrics["foils"] == [" Rome"]
+    # the top head cells export as one head-restricted patch spec (France's z in the top heads), which
+    # interp.evaluate measures on a next-token task of prompts as long as the source
+    spec = f.to_spec(model=smol, k=2, sites=["heads"])
+    assert all(e["op"] == "patch" and e["site"] == "attn.z" and len(e["heads"]) >= 1 for e in spec.edits)
+    items = [{"kind": "next_token", "prompt": f"The capital of {c} is", "answer": f" {a}"}
+             for c, a in (("Italy", "Rome"), ("Spain", "Madrid"), ("France", "Paris"))]
+    assert {len(smol.encode(it["prompt"]).input_ids[0]) for it in items} == {len(ci[0])}
+    ev = interp.evaluate(smol, spec, interp.tasks.Task("capitals-short", "next_token", items))
+    assert ev.metrics["n"] == 3 and -1 <= ev.metrics["delta"] <= 1
+    print(ev.explain())
     print(PatchingSweep().explain(f))
     import viz  # noqa: F401
     assert f.plot() is not None and f.plot(interactive=True) is not None
+
+
+def test_head_restricted_patch_changes_only_those_heads():
+    """patch at attn.z with heads: z'_{t,h} = z^{src}_{t,h} for the listed heads at the listed positions, every
+    other (head, position) bit-identical; the layer's output is o_proj(z') (closed form, from the weights)."""
+    model = interp.load(tiny_hf("llama"), name="tiny-llama")
+    a, b = random_ids(6, seed=1), random_ids(6, seed=2)
+    site = "blocks.1.attn.z"
+    za = interp.capture(model, {"input_ids": a}, sites=[site])[site]
+    zb = interp.capture(model, {"input_ids": b}, sites=[site])[site]
+    spec = interp.Spec.for_model(model, [interp.ops.patch_site([1], "attn.z", zb, heads=[0, 3], positions=[2, 4])])
+    with interp.patch(model, spec):
+        tr = interp.capture(model, {"input_ids": a}, sites=[site, "blocks.1.attn.out"])
+    z = tr[site]
+    want = za.clone()
+    for h in (0, 3):
+        for t in (2, 4):
+            want[0, t, h] = zb[0, t, h]
+    assert torch.equal(z, want)
+    W = model.adapter.attn[1].o_proj.weight
+    torch.testing.assert_close(tr["blocks.1.attn.out"], want.flatten(2) @ W.T, atol=1e-5, rtol=1e-5)
+    with pytest.raises(interp.InterpError, match="heads"):
+        interp.Spec.for_model(model, [interp.ops.patch_site([1], "mlp.out", torch.zeros(1, 6, 64), heads=[0])])
+
+
+def test_top_head_cells_export_as_one_spec_and_evaluate():
+    """The top-k head cells of a sweep export as one head-restricted patch spec: replayed on the base prompt it
+    equals patching those heads by hand; interp.evaluate measures it on a task."""
+    model = interp.load(tiny_hf("qwen2"), name="tiny-qwen2")
+    clean = random_ids(6, seed=5)
+    corrupt = clean.clone()
+    corrupt[0, 2] = (clean[0, 2] + 40) % 128
+    f = patching(model, {"input_ids": clean}, corrupted={"input_ids": corrupt}, sites=["heads"], answers=[3],
+                 foils=[4])
+    spec = f.to_spec(model=model, k=3)
+    top = f.table.sort_values("score", ascending=False).head(3)
+    cells = {(int(r.layer), int(r["head"])) for _, r in top.iterrows()}
+    assert {(e["layers"][0], h) for e in spec.edits for h in e["heads"]} == cells
+    zc = interp.capture(model, {"input_ids": clean}, sites=[f"blocks.{l}.attn.z" for l in range(3)])
+    hooks = {}
+    for l in {l for l, _ in cells}:
+        def fn(z, l=l):
+            z = z.clone()
+            for ll, h in cells:
+                if ll == l:
+                    z[:, :, h] = zc[f"blocks.{l}.attn.z"][:, :, h]
+            return z
+        hooks[f"blocks.{l}.attn.z"] = fn
+    with interp.patch(model, hooks=hooks):
+        want = model.answer_logits({"input_ids": corrupt})[0]
+    torch.testing.assert_close(model.answer_logits({"input_ids": corrupt}, spec)[0], want, atol=1e-5, rtol=1e-5)
