@@ -39,6 +39,8 @@ class Adapter:
     image_token_id: int | None = None  # VLMs: the placeholder token spliced with image features
     mask_token_id: int | None = None  # masked-diffusion LMs
     extra: dict = field(default_factory=dict)
+    attn_norm: list = field(default_factory=list)  # the norm each block applies before attention (pre-norm models)
+    mlp_norm: list = field(default_factory=list)  # the norm each block applies before its MLP
 
     def final_norm_apply(self, h: torch.Tensor) -> torch.Tensor:
         return self.final_norm(h)
@@ -73,6 +75,8 @@ def _llama_like(model: nn.Module, family: str) -> Adapter:
         vocab_size=cfg.vocab_size,
         max_positions=getattr(cfg, "max_position_embeddings", None),
         causal=getattr(cfg, "is_causal", True) is not False,
+        attn_norm=[getattr(layer, "input_layernorm", None) for layer in layers],
+        mlp_norm=[getattr(layer, "post_attention_layernorm", None) for layer in layers],
     )
 
 
@@ -96,6 +100,8 @@ def _gpt2(model: nn.Module, family: str) -> Adapter:
         d_model=cfg.n_embd,
         vocab_size=cfg.vocab_size,
         max_positions=cfg.n_positions,
+        attn_norm=[b.ln_1 for b in layers],
+        mlp_norm=[b.ln_2 for b in layers],
     )
 
 
