@@ -620,9 +620,83 @@ class ProjectOut(Op):
         return h - (coef * sel.to(h.dtype))[..., None] * u
 
 
+class Gift(Op):
+    name = "attn.gift"
+    fields = {"queries": SEL, "keys": Field("selector", True), "query_keys": SEL, "tensor": Field("tensor", True),
+              "alpha": _num(-30, 30, True), "top": _num(1, 2**31, integer=True)}
+    need, default_queries = "weights", "last"
+    tensor_ranks, tensor_max = (1, 2), 1.0
+
+    def neutral(self, e):
+        return float(e["alpha"]) == 0.0  # m = exp(0·s) = 1 and r = 1
+
+    def validate(self, e, path, tensors):
+        super().validate(e, path, tensors)
+        t = tensors[e["tensor"]]
+        if t.numel() and float(t.min()) < 0:
+            raise InterpError(f"spec.{path}.tensor: the GIFT saliency {e['tensor']!r} must lie in [0, 1] (min-max "
+                              f"normalised), got a minimum of {float(t.min()):.3g}")
+
+    def shapes(self, e, model):
+        return [(None,), ("1|b", None)]
+
+    def shape_help(self):
+        return "[n] or [b|1, n]: one saliency in [0, 1] per selected key, in key order (n = keys the selector picks)"
+
+    def on_weights(self, hook, e, w, call, layer):
+        """GIFT (amazon-science/GIFT, modeling_llama.py): on each selected row, the ``top`` heads (default H/2) of the
+        edit with the most mass on V = ``keys`` get a'_V = a_V ⊙ m, m = exp(α s); r = Σ a'_V / Σ a_V over those heads;
+        the ``top`` heads with the most mass on Q = ``query_keys`` get a'_Q = r a_Q; every edited row is renormalised."""
+        b, H, q, k = w.shape
+        rows = hook.qsel(e, b, call, layer)  # [b, q]
+        if not bool(rows.any()):
+            return w
+        kv = hook.ksel(e["keys"], b, call, layer)[:, :k]
+        kq = hook.ksel(e["query_keys"], b, call, layer)[:, :k] & ~kv if "query_keys" in e else torch.zeros_like(kv)
+        s = hook.spec.tensors[e["tensor"]].to(w.dtype)
+        s = s[None] if s.dim() == 1 else s
+        if s.shape[0] not in (1, b):
+            raise InterpError(f"attn.gift tensor {e['tensor']!r} has {s.shape[0]} rows for a batch of {b} sequences: "
+                              "give one row, or one per sequence")
+        m = torch.ones(b, k, dtype=w.dtype)
+        for i in range(b):
+            if not bool(rows[i].any()):
+                continue
+            idx = kv[i].nonzero()[:, 0]
+            if len(idx) == 0:
+                rows[i] = False  # no key to weight in this sequence: its rows are left as they are
+                continue
+            si = s[i if s.shape[0] > 1 else 0]
+            if len(idx) != si.shape[0]:
+                raise InterpError(f"attn.gift tensor {e['tensor']!r} holds {si.shape[0]} saliencies but the keys "
+                                  f"selector {e['keys']!r} picks {len(idx)} keys in sequence {i}: build the saliency "
+                                  "on the same inputs")
+            m[i, idx] = torch.exp(float(e["alpha"]) * si)
+        hm = hook.head_mask(e)
+        top = min(int(e.get("top", max(1, H // 2))), int(hm.sum()))
+        out_heads = (~hm)[None, :, None]
+        kvf, kqf = kv[:, None, None, :].to(w.dtype), kq[:, None, None, :].to(w.dtype)
+        mass_v = (w * kvf).sum(-1).masked_fill(out_heads, -1.0)  # [b, H, q]
+        sel_v = torch.zeros_like(mass_v, dtype=torch.bool).scatter_(1, mass_v.topk(top, dim=1).indices, True) & hm[None, :, None]
+        mw = torch.where(sel_v[..., None] & kv[:, None, None, :], m[:, None, None, :], torch.ones((), dtype=w.dtype))
+        wv = w * mw
+        orig = (w * kvf * sel_v[..., None]).sum((1, 3))  # [b, q]
+        new = (wv * kvf * sel_v[..., None]).sum((1, 3))
+        r = torch.where(orig > 0, new / orig.clamp_min(torch.finfo(w.dtype).tiny), torch.ones((), dtype=w.dtype))
+        mass_q = (w * kqf).sum(-1).masked_fill(out_heads, -1.0)
+        sel_q = torch.zeros_like(mass_q, dtype=torch.bool).scatter_(1, mass_q.topk(top, dim=1).indices, True) & hm[None, :, None]
+        if "query_keys" not in e:
+            sel_q = torch.zeros_like(sel_q)
+        rq = torch.where(sel_q[..., None] & kq[:, None, None, :], r[:, None, :, None], torch.ones((), dtype=w.dtype))
+        edited = wv * rq
+        edited = edited / edited.sum(-1, keepdim=True)
+        where = rows[:, None, :, None] & (sel_v | sel_q)[..., None]
+        return torch.where(where, edited, w)
+
+
 OPS: dict[str, Op] = {op.name: op for op in (ScaleWeights(), AddLogitBias(), ReplacePattern(), Knockout(),
                                              HeadScale(), HeadAblate(), ResidAdd(), SuppressDims(), Patch(),
-                                             OEB(), SMI(), Amplify(), ProjectOut())}
+                                             OEB(), SMI(), Amplify(), ProjectOut(), Gift())}
 
 
 def op_of(e: dict) -> Op:
@@ -752,6 +826,14 @@ def smi(layers: Layers, source: Selector, *, heads: Heads = "all", queries: Sele
 def amplify(layers: Layers, keys: Selector, alpha: float, *, heads: Heads = "all", queries: Selector | None = None) -> Edit:
     """attn.amplify (PAI): z'_{qk} = z_{qk} + α|z_{qk}| on the keys."""
     return _edit("attn.amplify", layers, heads, queries=queries, keys=keys, alpha=alpha)
+
+
+def gift(layers: Layers, keys: Selector, tensor: torch.Tensor | str, alpha: float, *, heads: Heads = "all",
+         queries: Selector | None = None, query_keys: Selector | None = None, top: int | None = None) -> Edit:
+    """attn.gift: a'_V = a_V ⊙ exp(α s) on the top heads by V-mass, a'_Q = r a_Q on the top heads by Q-mass,
+    r = Σa'_V / Σa_V, rows renormalised (GIFT; s in [0, 1] per key of ``keys``, [n] or [b, n])."""
+    return _edit("attn.gift", layers, heads, queries=queries, keys=keys, query_keys=query_keys, tensor=tensor,
+                 alpha=alpha, top=top)
 
 
 @torch.no_grad()

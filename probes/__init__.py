@@ -1,4 +1,5 @@
 """Forward-pass analyses. Importing the package registers every one of them (``interp.analysis.REGISTRY``)."""
 from . import (dla, entropy, image_attention, induction, knockout, linear, logit_lens, massive, patching,  # noqa: F401
                routes, secondary_sinks, sinks, vhd, visual_sinks)
+from . import eah, gift  # noqa: F401,E402
 from . import pai, vista  # noqa: F401,E402

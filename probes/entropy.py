@@ -10,6 +10,10 @@ uniform) and prompts. Heads with score > η are "uniform" heads; ART replaces th
 layers, with a local window (z'_{qk} = −∞ for k ≤ q − w, the sink key 0 kept). η ≈ 0.9 and
 w ≈ 32–128 are reconstructions: both are parameters. The ``Entropy`` reducer computes Ĥ while
 attention runs, so this probe works at long context.
+
+On a vision-language model the prompts may be VQAItems (the testbed's held-out items by default on a testbed
+model): they are encoded with their images and kept whole (``max_tokens`` cuts plain prompts only). ART's measured
+effect on the testbed task is in docs/methods.md §8.
 """
 from __future__ import annotations
 
@@ -17,11 +21,17 @@ import pandas as pd
 import torch
 
 import interp
+from interp import vlm
 from interp.analysis import Analysis
 from interp.finding import Finding, digest
 from interp.prompts import paragraphs
 from viz import interactive as _interactive
 from viz import static as _static
+
+
+def _are_items(x) -> bool:
+    return isinstance(x, vlm.VQAItem) or (isinstance(x, (list, tuple)) and bool(x) and all(
+        isinstance(i, vlm.VQAItem) or (isinstance(i, dict) and "prompt" not in i and "role" not in i) for i in x))
 
 
 class Entropy(Analysis):
@@ -36,15 +46,25 @@ class Entropy(Analysis):
     def run(self, model: interp.Model, prompts: list[str] | None = None, *, eta: float = 0.9, min_query: int = 8,
             max_tokens: int = 128) -> Finding:
         """Mean normalised attention entropy per (layer, head); heads above η are flagged uniform."""
-        prompts = paragraphs() if prompts is None else prompts
-        batch = model.encode(prompts)
-        ids, am = batch.input_ids[:, :max_tokens], batch.attention_mask[:, :max_tokens]
+        from interp.testbed.items import default_items, is_testbed
+        vision = model.adapter.image_token_id is not None
+        if vision and prompts is None and is_testbed(model):
+            prompts = default_items(model)
+        if vision and _are_items(prompts):  # image prompts, whole (image tokens are not cut)
+            batch = vlm.encode_vqa(model, vlm.as_items(prompts))
+            ids, am = batch.input_ids, batch.attention_mask
+            inputs = batch
+        else:
+            prompts = paragraphs() if prompts is None else prompts
+            batch = model.encode(prompts)
+            ids, am = batch.input_ids[:, :max_tokens], batch.attention_mask[:, :max_tokens]
+            inputs = {"input_ids": ids, "attention_mask": am}
         valid = am.bool().clone()
         valid[:, :min_query] = False
         if not valid.any():
             raise interp.InterpError(f"no prompt is longer than min_query={min_query} tokens: give longer prompts or "
                                      "lower min_query")
-        tr = interp.capture(model, {"input_ids": ids, "attention_mask": am}, reducers=[interp.Entropy()])
+        tr = interp.capture(model, inputs, reducers=[interp.Entropy()])
         Hn = tr.stack("attn.entropy_norm")  # [L, b, H, T]
         w = valid[None, :, None, :].float()
         score = (Hn * w).sum((1, 3)) / w.sum((1, 3))  # [L, H]
