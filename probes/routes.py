@@ -22,8 +22,12 @@ a layer is the sum of its per-head importances (the paper's token graph); by def
 Everything comes from ONE forward pass: the patterns, the value vectors (a hook on the value projection),
 ``attn.z`` (checked against Σ_j A v_j), ``attn.out`` (checked against Σ_h z_h W_O^h + b_O), ``mlp.out`` and the
 residual stream (checked: x^{l-1} + attn.out + mlp.out = x^l). Models whose sublayer outputs are normalised
-before the residual add (Gemma) fail that check and are refused. Masked-diffusion models are refused (no
-per-step routes yet).
+before the residual add (Gemma) fail that check and are refused.
+
+Masked-diffusion models (LLaDA-style) decode in steps, each a full bidirectional forward over [prompt; partially
+masked answer]: ``probes.routes_steps`` decodes (``interp.diffusion.denoise``), rebuilds the input each step saw
+(the positions committed at that step or later still masked) and builds one route graph per step, into the
+position that step commits (or a given offset into the answer region); a key j may follow its query i.
 
 ``to_spec`` turns a route into an ``attn.knockout`` spec: ``mode="cut"`` blocks the route's head edges
 (each query → key in that head and layer; the rest of the row is renormalised, as knockout does; where the
@@ -196,8 +200,9 @@ class Routes(Analysis):
         """Routes into ``position`` (default: the last real token) of ONE input (a prompt, token ids, a Batch or a
         VQAItem for a vision-language model; None: the first built-in fact, or the testbed's first item)."""
         if not model.adapter.causal:
-            raise interp.InterpError(f"{model.name} is a masked-diffusion model: routes are built for one causal "
-                                     "forward pass and are not implemented per denoising step; use a causal LM or VLM")
+            raise interp.InterpError(f"{model.name} is a masked-diffusion model: probes.routes traces one causal "
+                                     "forward pass; for routes per denoising step use probes.routes_steps "
+                                     "(probes.routes.routes_steps)")
         if not 0 <= float(tau) < 1:
             raise interp.InterpError(f"tau={tau!r}: the importance threshold must be in [0, 1)")
         batch = _batch(model, inputs)
@@ -282,3 +287,110 @@ class Routes(Analysis):
 
 
 routes = Routes()
+
+
+def step_inputs(model: interp.Model, batch: interp.Batch, tokens: torch.Tensor, step_of: torch.Tensor,
+                step: int) -> interp.Batch:
+    """The input denoising step ``step`` saw: the final ``tokens`` [1, P + G] with every answer position committed
+    at that step or later (``step_of`` [1, G]) masked again."""
+    P = tokens.shape[1] - step_of.shape[1]
+    x = tokens.clone()
+    x[:, P:] = torch.where(step_of >= step, model.adapter.mask_token_id, x[:, P:])
+    toks = [model.tokenizer.convert_ids_to_tokens(r) if model.tokenizer is not None else [str(t) for t in r]
+            for r in x.tolist()]
+    roles = [interp.Roles({k: v for k, v in r.items() if k not in ("answer", "query")}, length=x.shape[1])
+             for r in batch.roles]
+    return interp.Batch(x, torch.ones_like(x), roles, toks, [], batch.extra)
+
+
+class StepRoutes(Analysis):
+    """Information-flow routes of a masked-diffusion LM, one route graph per denoising step."""
+
+    name = "probes.routes_steps"
+    title = "Information-flow routes per denoising step"
+    requires = ("diffusion",)
+    in_scan = False  # one decoding plus one decomposition per step: run on request
+
+    def run(self, model: interp.Model, inputs: Any = None, *, gen_len: int | None = None, steps: int | None = None,
+            block_len: int | None = None, tau: float = 0.04, offset: int | None = None,
+            only_steps: list[int] | None = None, combine_heads: bool = False) -> Finding:
+        """Decode ONE input (a VQAItem, a prompt or ids; None: the testbed's first item) with LLaDA remasking and
+        build, for each step (``only_steps``: a subset), the route into the answer position ``offset`` (default: the
+        first position that step commits)."""
+        from interp.diffusion import denoise
+        if model.adapter.causal:
+            raise interp.InterpError(f"{model.name} attends causally: use probes.routes (one forward pass)")
+        if model.adapter.mask_token_id is None:
+            raise interp.InterpError("routes per step need the mask token id: set model.adapter.mask_token_id")
+        if not 0 <= float(tau) < 1:
+            raise interp.InterpError(f"tau={tau!r}: the importance threshold must be in [0, 1)")
+        if inputs is None:
+            from interp.testbed.items import default_items
+            inputs = default_items(model)[:1]
+        items = [inputs] if isinstance(inputs, vlm.VQAItem) else inputs
+        if isinstance(items, (list, tuple)) and items and all(isinstance(x, vlm.VQAItem) for x in items):
+            gen_len = gen_len or items[0].gen_len
+            if not gen_len:
+                raise interp.InterpError("give gen_len, the length of the answer region to decode")
+            full = vlm.encode_vqa(model, list(items), gen_len=gen_len)
+            P = full.input_ids.shape[1] - gen_len
+            batch = interp.Batch(full.input_ids[:, :P], full.attention_mask[:, :P],
+                                 [interp.Roles(dict(r), length=P) for r in full.roles], [t[:P] for t in full.tokens],
+                                 full.texts, full.extra)
+        else:
+            if not gen_len:
+                raise interp.InterpError("give gen_len, the length of the answer region to decode")
+            batch = model.encode(inputs)
+        if len(batch) != 1:
+            raise interp.InterpError(f"routes trace one input at a time, got {len(batch)}: run once per prompt")
+        if offset is not None and not 0 <= int(offset) < gen_len:
+            raise interp.InterpError(f"offset={offset}: give an answer position 0..{gen_len - 1}")
+        steps = steps or gen_len
+        d = denoise(model, batch, gen_len=gen_len, steps=steps, block_len=block_len)
+        P = batch.input_ids.shape[1]
+        todo = list(range(d.n_steps)) if only_steps is None else sorted({int(s) for s in only_steps})
+        bad = [s for s in todo if not 0 <= s < d.n_steps]
+        if bad:
+            raise interp.InterpError(f"only_steps={bad}: decoding took {d.n_steps} steps (0..{d.n_steps - 1})")
+        frames, per_step, arrays = [], [], {}
+        for s in todo:
+            b = step_inputs(model, batch, d.tokens, d.step_of, s)
+            committed = (d.step_of[0] == s).nonzero().flatten().tolist()
+            start = P + (int(offset) if offset is not None else (committed[0] if committed else 0))
+            imp = contributions(model, b)
+            rows = trace_routes(imp, start, float(tau), combine_heads)
+            df = pd.DataFrame(rows, columns=["layer", "stage", "kind", "head", "source", "target", "importance"])
+            df.insert(0, "step", s)
+            toks = list(b.tokens[0])
+            df["source_token"] = [toks[j] for j in df.source]
+            df["target_token"] = [toks[i] for i in df.target]
+            frames.append(df)
+            attn = df[df.kind.isin(["head", "attn"])]
+            cross = attn[attn.source != attn.target]
+            per_step.append({"step": s, "position": start, "n_edges": int(len(df)), "n_head_edges": int(len(attn)),
+                             "from_prompt": round(float(cross[cross.source < P].importance.sum()), 4),
+                             "from_answer": round(float(cross[cross.source >= P].importance.sum()), 4),
+                             "n_masked": int((b.input_ids[0, P:] == model.adapter.mask_token_id).sum()),
+                             "parts_error": float(imp["parts_error"])})
+            arrays[f"head.step{s}"] = imp["head"].float()
+        table = pd.concat(frames, ignore_index=True)
+        metrics = {"n_steps": d.n_steps, "steps_traced": todo, "gen_len": gen_len, "prompt_len": P, "tau": float(tau),
+                   "per_step": per_step, "n_edges": int(len(table)),
+                   "parts_error": max(x["parts_error"] for x in per_step)}
+        params = {"tau": float(tau), "gen_len": gen_len, "steps": steps, "block_len": block_len, "offset": offset,
+                  "combine_heads": combine_heads, "tokens": d.tokens[0].tolist()}
+        return Finding(self.name, table, params, model.identity(), digest(batch.input_ids), metrics, arrays,
+                       ["one route graph per denoising step (column step), into the position that step commits; "
+                        "importances as in probes.routes (ALTI L1 proximity)"])
+
+    def explain(self, finding: Finding) -> str:
+        m = finding.metrics
+        ps = m["per_step"]
+        first, last = ps[0], ps[-1]
+        return (f"Over {len(ps)} denoising steps the route into the committed answer token keeps {first['n_edges']} "
+                f"edges at step {first['step']} ({first['n_masked']} masked answer positions) and {last['n_edges']} at "
+                f"step {last['step']}; attention from the answer region carries {first['from_answer']:.2f} then "
+                f"{last['from_answer']:.2f} of the cross-token importance.")
+
+
+routes_steps = StepRoutes()

@@ -19,18 +19,20 @@ def _prox(y: torch.Tensor, parts: list[torch.Tensor]) -> list[float]:
     return [x / s for x in p]
 
 
-def _brute(hf, ids: torch.Tensor):
-    """Per-part importances computed with plain torch from HF weights and HF eager output_attentions."""
+def _brute(hf, ids: torch.Tensor, lm=None, **inputs):
+    """Per-part importances computed with plain torch from HF weights and HF eager output_attentions (``lm``: the
+    decoder stack, for a VLM; ``inputs``: what else the forward takes, e.g. pixel_values)."""
     hf.set_attn_implementation("eager")
+    lm = lm if lm is not None else hf.model
     with torch.no_grad():
-        out = hf(ids, output_attentions=True, output_hidden_states=True)
-        cfg = hf.config
+        out = hf(input_ids=ids, output_attentions=True, output_hidden_states=True, **inputs)
+        cfg = hf.config.get_text_config()
         H, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         rep = H // cfg.num_key_value_heads
         x = out.hidden_states[0][0].double()
         T = x.shape[0]
         head, attn_resid, mlp, mlp_resid = {}, {}, {}, {}
-        for l, layer in enumerate(hf.model.layers):
+        for l, layer in enumerate(lm.layers):
             A = out.attentions[l][0].double()  # [H, T, T], HF's own
             a = layer.self_attn
             v = (layer.input_layernorm(x.float()).double() @ a.v_proj.weight.double().T).reshape(T, -1, hd)
@@ -53,10 +55,10 @@ def _brute(hf, ids: torch.Tensor):
                         head[l, i, h, j] = imp[1 + h * T + j]
             m = layer.mlp(layer.post_attention_layernorm(mid.float())).double()
             post = mid + m
-            if l + 1 < len(hf.model.layers):  # the decomposition is exact: HF's own next hidden state
+            if l + 1 < len(lm.layers):  # the decomposition is exact: HF's own next hidden state
                 torch.testing.assert_close(post, out.hidden_states[l + 1][0].double(), atol=1e-5, rtol=1e-5)
             else:
-                torch.testing.assert_close(hf.model.norm(post.float()), out.hidden_states[-1][0], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(lm.norm(post.float()), out.hidden_states[-1][0], atol=1e-5, rtol=1e-5)
             for i in range(T):
                 mlp_resid[l, i], mlp[l, i] = _prox(post[i], [mid[i], m[i]])
             x = post
@@ -186,6 +188,9 @@ def test_diffusion_is_refused():
     model = load_testbed_model("llada_diffusion")[0]
     with pytest.raises(interp.InterpError, match="per denoising step"):
         routes(model)
+    from probes.routes import routes_steps
+    with pytest.raises(interp.InterpError, match="causally"):
+        routes_steps(interp.load(tiny_hf("llama"), name="tiny-llama"), random_ids(6), gen_len=2)
 
 
 def test_specs_block_exactly_the_route_or_its_complement():
@@ -221,3 +226,43 @@ def test_figures_draw_every_edge():
     fig = f.plot()
     assert len(fig.axes[0].lines) == len(f.table)  # one line (or MLP marker) per edge
     assert len(f.plot(interactive=True).data) == len(f.table)
+
+
+def test_diffusion_routes_per_step_equal_brute_force():
+    """probes.routes_steps at one denoising step: the input that step saw (answer positions committed at it or
+    later masked again) and every importance against the brute force from HF's own eager attention weights."""
+    from interp.diffusion import denoise
+    from interp.testbed import load_testbed
+    from interp.testbed.items import default_items
+    from probes.routes import routes_steps, step_inputs
+    model = load_testbed_model("llada_diffusion")[0]
+    item = default_items(model)[:1]
+    f = routes_steps(model, item, only_steps=[1], tau=0.04)
+    assert f.metrics["steps_traced"] == [1] and set(f.table.step) == {1}
+    # the step's input, rebuilt independently from a fresh decoding
+    enc = interp.vlm.encode_vqa(model, item, gen_len=item[0].gen_len)
+    G = item[0].gen_len
+    P = enc.input_ids.shape[1] - G
+    prompt = interp.Batch(enc.input_ids[:, :P], enc.attention_mask[:, :P], [interp.Roles({}, length=P)],
+                          [enc.tokens[0][:P]], [], enc.extra)
+    d = denoise(model, prompt, gen_len=G, steps=G)
+    x = d.tokens.clone()
+    x[0, P:][d.step_of[0] >= 1] = model.adapter.mask_token_id
+    assert torch.equal(step_inputs(model, prompt, d.tokens, d.step_of, 1).input_ids, x)
+    assert int((x[0, P:] == model.adapter.mask_token_id).sum()) == f.metrics["per_step"][0]["n_masked"] > 0
+    hf = load_testbed("llada_diffusion")[0]
+    head, attn_resid, mlp, mlp_resid, H, T, pattern = _brute(hf, x, lm=hf.model.language_model,
+                                                            pixel_values=enc.extra["pixel_values"])
+    got = f.arrays["head.step1"]
+    for (l, i, h, j), w in head.items():
+        assert abs(float(got[l, i, h, j]) - w) < 1e-4, (l, i, h, j)
+    assert (pattern[:, :, P, P + 1:] > 0).any()  # bidirectional: a query sees later keys
+    # the route's edges are the brute-force importances above tau, into the position that step commits
+    start = f.metrics["per_step"][0]["position"]
+    assert start == P + int((d.step_of[0] == 1).nonzero()[0])
+    for r in f.table.itertuples():
+        if r.kind == "head":
+            assert abs(r.importance - head[r.layer, r.target, r.head, r.source]) < 1e-4 and r.importance > 0.04
+        elif r.kind == "mlp":
+            assert abs(r.importance - mlp[r.layer, r.target]) < 1e-4
+    assert f.explain().startswith("Over 1 denoising steps")
