@@ -3,3 +3,5 @@ from . import (dla, entropy, image_attention, induction, knockout, linear, logit
                routes, secondary_sinks, sinks, vhd, visual_sinks)
 from . import eah, gift  # noqa: F401,E402
 from . import pai, vista  # noqa: F401,E402
+from . import dape, edar, tokentruth  # noqa: F401,E402
+from . import act, zerotuning  # noqa: F401,E402
