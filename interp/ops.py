@@ -646,7 +646,8 @@ class Gift(Op):
     def on_weights(self, hook, e, w, call, layer):
         """GIFT (amazon-science/GIFT, modeling_llama.py): on each selected row, the ``top`` heads (default H/2) of the
         edit with the most mass on V = ``keys`` get a'_V = a_V ⊙ m, m = exp(α s); r = Σ a'_V / Σ a_V over those heads;
-        the ``top`` heads with the most mass on Q = ``query_keys`` get a'_Q = r a_Q; every edited row is renormalised."""
+        the ``top`` heads with the most mass on Q = ``query_keys`` get a'_Q = r a_Q; every edited row is renormalised
+        (ties between heads go to the lower index)."""
         b, H, q, k = w.shape
         rows = hook.qsel(e, b, call, layer)  # [b, q]
         if not bool(rows.any()):
@@ -677,14 +678,14 @@ class Gift(Op):
         out_heads = (~hm)[None, :, None]
         kvf, kqf = kv[:, None, None, :].to(w.dtype), kq[:, None, None, :].to(w.dtype)
         mass_v = (w * kvf).sum(-1).masked_fill(out_heads, -1.0)  # [b, H, q]
-        sel_v = torch.zeros_like(mass_v, dtype=torch.bool).scatter_(1, mass_v.topk(top, dim=1).indices, True) & hm[None, :, None]
+        sel_v = torch.zeros_like(mass_v, dtype=torch.bool).scatter_(1, torch.sort(mass_v, dim=1, descending=True, stable=True).indices[:, :top], True) & hm[None, :, None]
         mw = torch.where(sel_v[..., None] & kv[:, None, None, :], m[:, None, None, :], torch.ones((), dtype=w.dtype))
         wv = w * mw
         orig = (w * kvf * sel_v[..., None]).sum((1, 3))  # [b, q]
         new = (wv * kvf * sel_v[..., None]).sum((1, 3))
         r = torch.where(orig > 0, new / orig.clamp_min(torch.finfo(w.dtype).tiny), torch.ones((), dtype=w.dtype))
         mass_q = (w * kqf).sum(-1).masked_fill(out_heads, -1.0)
-        sel_q = torch.zeros_like(mass_q, dtype=torch.bool).scatter_(1, mass_q.topk(top, dim=1).indices, True) & hm[None, :, None]
+        sel_q = torch.zeros_like(mass_q, dtype=torch.bool).scatter_(1, torch.sort(mass_q, dim=1, descending=True, stable=True).indices[:, :top], True) & hm[None, :, None]
         if "query_keys" not in e:
             sel_q = torch.zeros_like(sel_q)
         rq = torch.where(sel_q[..., None] & kq[:, None, None, :], r[:, None, :, None], torch.ones((), dtype=w.dtype))

@@ -19,7 +19,8 @@ skipped (a bit-identical no-op). Heads are chosen at run time per row, as in the
 
 Deviations: content words come from a stop-word list (:data:`STOP_WORDS`; the authors keep spaCy's NOUN, PROPN, VERB,
 ADJ, ADV and NUM tags) — every question token whose text, lower-cased and stripped of BPE markers, is alphanumeric
-and not a stop word. Defaults scale the paper's LLaVA-1.5-7B layers (l_s = 11, Λ = 12..22 of 32) to the model's
+and not a stop word (articles, auxiliaries, pronouns, prepositions, conjunctions, chat-role words; wh-adverbs such as
+"how" and "where" stay, as spaCy tags them ADV). Defaults scale the paper's LLaVA-1.5-7B layers (l_s = 11, Λ = 12..22 of 32) to the model's
 depth: l_s = round(11 L / 32), Λ = l_s + 1 .. round(22 L / 32). The saliency is computed per prompt, so a spec holds
 the saliency of the prompt(s) it was made on; :func:`evaluate_items` measures GIFT on a task the way the method runs,
 one prompt and its own saliency at a time, and pools the paired differences.
@@ -36,7 +37,7 @@ from interp.finding import Finding, digest
 from interp.tasks import Task, bootstrap_ci, load_task
 
 STOP_WORDS = frozenset("""a an the is are was were be been being am do does did there here what which who whom whose
-how when where why of in on at to for from by with and or not no it its this that these those any some
+of in on at to for from by with and or not it its this that these those any some
 i you he she we they me my your our their his her them us can could would should will shall may might must has
 have had user assistant""".split())
 
@@ -67,6 +68,11 @@ def normalise(s_raw: torch.Tensor) -> torch.Tensor:
     s = s.clamp(float(mu - 3 * sd), float(mu + 3 * sd))
     span = s.max() - s.min()
     return ((s - s.min()) / span if span > 0 else torch.zeros_like(s)).float()
+
+
+def _top(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries along dim 1, ties to the lower index (as the ``attn.gift`` op)."""
+    return torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]
 
 
 def _items(model, inputs) -> list[vlm.VQAItem]:
@@ -113,7 +119,7 @@ class Gift(Analysis):
                 c = torch.tensor(C)
                 dA = (A[i][:, :, c][..., V] - A[i][:, :, c - 1][..., V]).clamp_min(0)  # [Ls, H, |C|, n]
                 mass = dA.sum((2, 3))  # [Ls, H]
-                sel = torch.zeros_like(mass, dtype=torch.bool).scatter_(1, mass.topk(top, dim=1).indices, True)
+                sel = torch.zeros_like(mass, dtype=torch.bool).scatter_(1, _top(mass, top), True)
                 s_raw = dA[sel].mean((0, 1))  # mean over (layer, kept head) pairs and content queries
             else:
                 mass = torch.zeros(len(layers), H, dtype=torch.float64)
