@@ -20,8 +20,9 @@ A circuit is the k edges of largest |s|. It is evaluated exactly: each downstrea
 
     x_d = x_d^run − Σ_{u → d ∉ circuit} (a_u^run − ã_u)
 
-(a_u^run: u's output in this very run, ã_u: its ablated value: the mean over a reference set's tokens,
-``ablation="mean"``, or its value on the corrupted prompt, ``"corrupted"``), so a missing edge carries ã_u instead
+(a_u^run: u's output in this very run, ã_u: its ablated value: its mean at that position over a reference set,
+``ablation="mean"`` (default: the clean and corrupted prompts), or its value on the corrupted prompt,
+``"corrupted"``), so a missing edge carries ã_u instead
 of a_u and nothing else changes; each head of a layer gets its own input (the layer's attention is rerun once per
 head with that head's input). The full graph gives the clean metric exactly; the empty graph gives every
 downstream node the ablated values only, the same as ablating every node. The faithfulness curve is
@@ -30,7 +31,8 @@ downstream node the ablated values only, the same as ablating every node. The fa
 
 ``to_spec`` exports a node-level version (the ops have no per-edge residual inputs): the heads and MLPs that the
 circuit's edges touch are kept, every other head is mean-ablated (``attn.head_ablate`` mode "mean") and every
-other MLP's output replaced by its mean (``patch`` at ``mlp.out``); the embedding is kept.
+other MLP's output replaced by its mean (``patch`` at ``mlp.out``); the embedding is kept. Its means are over
+every token of the reference prompts (not per position), so the spec replays on prompts of any length.
 Pre-norm models whose blocks add their sublayer outputs to the stream (Llama-like, GPT-2); not Gemma (sublayer
 outputs are normalised before the add) and not masked-diffusion models.
 """
@@ -279,13 +281,20 @@ def circuit_metric(model: interp.Model, batch, keep: torch.Tensor, ablated: torc
 
 @torch.no_grad()
 def mean_outputs(model: interp.Model, reference, T: int) -> torch.Tensor:
-    """ã for ``ablation="mean"``: each upstream node's output averaged over every real token of ``reference``,
-    repeated over T positions: [1, U, T, d]."""
+    """ã for ``ablation="mean"``: each upstream node's output at each position t < T averaged over the reference
+    prompts that reach t (Wang et al.'s per-position mean; prompts are right-aligned as encoded, so use reference
+    prompts of the circuit's length); a position no reference prompt reaches takes the mean over every real
+    token: [1, U, T, d]."""
     batch = model.encode(reference)
     A = node_outputs(model, batch, batch.input_ids.shape[1])  # [n, U, T', d]
     w = batch.attention_mask[:, None, :, None].double()
-    mu = (A * w).sum((0, 2)) / w.sum((0, 2))
-    return mu[None, :, None].expand(1, -1, T, -1).clone()
+    pooled = (A * w).sum((0, 2)) / w.sum((0, 2)).clamp_min(1)  # [U, d]
+    out = pooled[:, None].expand(-1, T, -1).clone()
+    Tm = min(T, A.shape[2])
+    cnt = w[:, :, :Tm].sum(0)  # [1, Tm, 1]
+    per = (A[:, :, :Tm] * w[:, :, :Tm]).sum(0) / cnt.clamp_min(1)
+    out[:, :Tm] = torch.where(cnt > 0, per, out[:, :Tm])
+    return out[None]
 
 
 # ------------------------------------------------------------------------------------------ the analysis

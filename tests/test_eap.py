@@ -149,11 +149,12 @@ def test_full_graph_is_clean_and_empty_graph_is_every_node_mean_ablated(setup):
         m_clean = float(_metric(model, clean, []))
     assert m["metric_full"] == pytest.approx(m_clean, abs=1e-5) and m["faithfulness"][-1] == 1.0
     assert m["faithfulness"][0] == 0.0 and m["ks"][0] == 0
-    # by hand: every node replaced by its mean over the reference tokens (the clean and corrupted prompts)
+    # by hand: every node replaced by its mean at each position over the reference (the clean and corrupted
+    # prompts)
     ref = torch.cat([clean, corrupt])
     outs = [_outputs(model, ref[i:i + 1]) for i in range(2)]
-    mean_e = torch.stack([o[0] for o in outs]).mean((0, 1))
-    mean_m = {l: torch.stack([o[2][l] for o in outs]).mean((0, 1)) for l in range(model.n_layers)}
+    mean_e = torch.stack([o[0] for o in outs]).mean(0)
+    mean_m = {l: torch.stack([o[2][l] for o in outs]).mean(0) for l in range(model.n_layers)}
     hd = model.head_dim
     zs = {}
     for l, layer in enumerate(model.hf.model.layers):
@@ -162,8 +163,9 @@ def test_full_graph_is_clean_and_empty_graph_is_every_node_mean_ablated(setup):
         with torch.no_grad():
             model.hf(input_ids=ref)
         hk.remove()
-        zs[l] = got[0].mean((0, 1))
+        zs[l] = got[0].mean(0)
     hooks = [("post", model.hf.model.embed_tokens, lambda mod, a, k, o: mean_e.expand_as(o).clone())]
+    assert mean_e.shape == (7, model.d_model)
     for l, layer in enumerate(model.hf.model.layers):
         hooks.append(("pre", layer.self_attn.o_proj, lambda mod, a, l=l: (zs[l].expand_as(a[0]).clone(),)))
         hooks.append(("post", layer.mlp, lambda mod, a, k, o, l=l: mean_m[l].expand_as(o).clone()))
