@@ -3,8 +3,9 @@
 Sources: ``"smollm2"`` (the embedded default), ``"llava_ar"`` / ``"llada_diffusion"`` (the committed
 testbed VLMs), a ``.gguf`` file, a local HF folder, an HF hub id (from the local HF cache without a network),
 a ``transformers`` model object with its tokenizer (accelerate ``device_map`` dispatch and disk offload
-included), or an nnsight ``LanguageModel`` (unwrapped). A TransformerLens 4 ``TransformerBridge`` is refused
-once it has replaced the model's attention with its own components (interp could not see it).
+included), an nnsight ``LanguageModel`` (unwrapped), or a TransformerLens 4 ``TransformerBridge`` (unwrapped: the
+HF model it wraps with the bridge's components taken out, same weight tensors; refused once the bridge has
+processed its weights).
 A model object is left as it is: same dtype, device and attention implementation outside interp's own calls.
 GGUF files are dequantised once and cached as safetensors under a key made of the file's sha256 (the embedded
 one is checked against the lock file first), so later loads skip the slow conversion.
@@ -241,18 +242,7 @@ def _is_nnsight(obj) -> bool:
 def _from_object(obj: nn.Module, tokenizer):
     cls = type(obj).__name__
     if cls == "TransformerBridge":  # TransformerLens 4.x wraps an HF model
-        hf = getattr(obj, "original_model", None)
-        if hf is None:
-            raise InterpError("this TransformerBridge exposes no original_model; pass the HF model instead")
-        bridged = sorted({type(m).__name__ for m in hf.modules() if type(m).__module__.startswith("transformer_lens")})
-        if bridged:
-            raise InterpError(
-                f"this TransformerBridge has replaced the model's layers with its own components ({', '.join(bridged[:4])}), "
-                "which compute attention themselves instead of through transformers' attention interface, so interp "
-                "could neither capture nor edit it exactly (attention sites would come back empty). Load the HF "
-                "checkpoint with interp.load (a folder, hub id or a fresh HF model object), or read attention "
-                "through the bridge's own hooks (run_with_cache: blocks.{l}.attn.hook_pattern)")
-        return hf, tokenizer or getattr(obj, "tokenizer", None), "transformer_lens.TransformerBridge"
+        return _unwrap_bridge(obj), tokenizer or getattr(obj, "tokenizer", None), "transformer_lens.TransformerBridge"
     if cls == "HookedTransformer":
         raise InterpError("a TransformerLens 3.x HookedTransformer re-implements the model, so its attention "
                           "cannot be captured exactly; load the HF checkpoint it was built from "
@@ -260,6 +250,58 @@ def _from_object(obj: nn.Module, tokenizer):
     if not hasattr(obj, "config"):
         raise InterpError(f"{cls} is not a transformers model (no .config); pass a PreTrainedModel")
     return obj, tokenizer, "object"
+
+
+def _unwrap_bridge(bridge: nn.Module) -> nn.Module:
+    """The HF model a TransformerLens 4 ``TransformerBridge`` wraps, with the bridge's components taken out.
+
+    The bridge swaps the model's layers, attention, MLPs, norms and linears for its own components, each holding
+    the HF module it replaced as ``_original_component``; its attention components compute attention themselves,
+    so interp's attention function would never run. This returns a copy of the module tree in which every bridge
+    component is replaced by its original module: the same parameter and buffer tensors (nothing is copied, an
+    edit of the weights is seen by both), a config of its own (interp switches the attention implementation of
+    this copy only), and the bridge left as it is. Refused when the bridge has processed its weights (folded or
+    centred layer norms, compatibility mode): the HF forward on those weights is no longer the model's."""
+    import copy
+
+    from transformers import PretrainedConfig
+    hf = getattr(bridge, "original_model", None)
+    if not isinstance(hf, nn.Module):
+        raise InterpError("this TransformerBridge exposes no original_model; pass the HF model instead")
+    if getattr(bridge, "_weights_processed", False) or getattr(bridge, "compatibility_mode", False):
+        raise InterpError("this TransformerBridge has processed its weights (enable_compatibility_mode / "
+                          "process_weights: layer norms folded into the linears, weights centred), so the HF model "
+                          "it wraps no longer computes what the checkpoint computes; interp.load the bridge before "
+                          "processing its weights, or the HF checkpoint itself")
+    memo: dict[int, Any] = {}
+    config = copy.deepcopy(hf.config, memo)
+    configs = {id(c): memo[id(c)] for c in _configs(hf) if id(c) in memo}
+
+    def plain(m: nn.Module) -> nn.Module:
+        orig = getattr(m, "_original_component", None)
+        if type(m).__module__.startswith("transformer_lens"):
+            if not isinstance(orig, nn.Module):
+                raise InterpError(f"the TransformerBridge component {type(m).__name__} holds no original HF module "
+                                  "(_original_component), so interp cannot see the model's own computation there; "
+                                  "interp.load the HF checkpoint instead")
+            return plain(orig)
+        new = copy.copy(m)  # its own __dict__: hooks, submodules and engine ties set here stay off the bridge
+        for k, v in vars(m).items():
+            if isinstance(v, dict):
+                setattr(new, k, copy.copy(v))
+        new._modules = {n: (plain(c) if c is not None else None) for n, c in m._modules.items()}
+        cfg = getattr(m, "config", None)
+        if isinstance(cfg, PretrainedConfig) and id(cfg) in configs:
+            new.config = configs[id(cfg)]
+        return new
+
+    out = plain(hf)
+    out.config = config
+    left = sorted({type(m).__name__ for m in out.modules() if type(m).__module__.startswith("transformer_lens")})
+    if left:
+        raise InterpError(f"TransformerBridge components remain after unwrapping ({', '.join(left[:4])}); "
+                          "interp.load the HF checkpoint instead")
+    return out
 
 
 def _auto_class(config):
