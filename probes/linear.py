@@ -24,7 +24,9 @@ The probe direction in the original feature space is w / σ (since W x̃ = (W/σ
 unit-normalised and kept as ``weights`` [L, d] with ``bias`` [L] such that the probe predicts the
 second class in sorted order (1 for 0/1 labels) where ŵ·x + bias > 0; with K > 2 classes, one
 direction per class ([L, K, d], [L, K]). Ties in accuracy pick the earliest layer as ``best_layer``.
-``to_spec`` turns it into a steering vector (P5, ``resid.add``). ``run(model)`` without inputs is what
+``to_spec`` turns it into a steering vector (P5, ``resid.add``), or (``mode="ablate"``) into the causal probe's
+edit h' = h − (h·ŵ)ŵ (``resid.project_out``); :data:`causal_probe` measures that edit on a task with
+``interp.evaluate`` against removing random unit directions (paired bootstrap CI). ``run(model)`` without inputs is what
 ``interp scan`` runs: sentiment on the first 160 items of the shipped sentiment task, at the last token,
 control types = each review's last word. Features computed elsewhere are probed with :func:`probe_features`.
 """
@@ -257,8 +259,11 @@ class Linear(Analysis):
         return f
 
     def to_spec(self, finding: Finding, model: interp.Model, *, layer: int | None = None, scale: float = 4.0,
-                positions: str | int | list = "last", class_index: int | None = None) -> interp.Spec:
-        """Steer with the probe direction: h'_t = h_t + scale · ŵ_l at ``layer`` (default: the best layer)."""
+                positions: str | int | list = "last", class_index: int | None = None, mode: str = "steer",
+                control: bool = False, seed: int = 0) -> interp.Spec:
+        """Steer with the probe direction: h'_t = h_t + scale · ŵ_l at ``layer`` (default: the best layer).
+        ``mode="ablate"``: the causal probe, h'_t = h_t − (h_t·ŵ_l) ŵ_l (``resid.project_out``) at ``positions``;
+        ``control=True`` uses a random unit direction (``seed``) instead of ŵ_l."""
         layer = finding.metrics["best_layer"] if layer is None else layer
         layers = finding.params["layers"]
         if layer not in layers:
@@ -268,6 +273,15 @@ class Linear(Analysis):
             if class_index is None:
                 raise interp.InterpError(f"a {w.shape[0]}-class probe has one direction per class: pass class_index")
             w = w[class_index]
+        if mode not in ("steer", "ablate"):
+            raise interp.InterpError(f"mode must be 'steer' (add the direction) or 'ablate' (project it out), got {mode!r}")
+        if control:
+            w = random_direction(w.shape[-1], seed) * w.norm()
+        if mode == "ablate":
+            edit = interp.ops.project_out([int(layer)], w.float().contiguous(), positions=positions)
+            return interp.Spec.for_model(model, [edit], analysis=self.name, prompts=finding.prompts,
+                                         params={"layer": int(layer), "mode": mode, "control": control, "seed": seed,
+                                                 "positions": positions, "concept": finding.params.get("concept")})
         edit = {"op": "resid.add", "layers": [int(layer)], "positions": positions, "tensor": "probe_direction",
                 "scale": float(scale)}
         return interp.Spec.for_model(model, [edit], analysis=self.name,
@@ -285,3 +299,80 @@ class Linear(Analysis):
 
 
 linear_probe = Linear()
+
+
+def random_direction(d: int, seed: int = 0) -> torch.Tensor:
+    """A unit vector drawn uniformly on the sphere of R^d (a normalised Gaussian), for the causal probe's control."""
+    v = torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (v / v.norm()).float()
+
+
+class CausalProbe(Analysis):
+    """The causal test of a linear probe (docs/methods.md §10): remove the probe direction from the residual
+    stream and measure the behaviour on a task, against removing random directions."""
+
+    name = "probes.linear_causal"
+    title = "Causal probe"
+    in_scan = False
+    figures = (_static.generic, _interactive.generic)
+
+    def run(self, model: interp.Model, inputs=None, *, probe: Finding | None = None, task=None,
+            layer: int | None = None, positions: str | int | list = "all", n_random: int = 3, seed: int = 0,
+            limit: int | None = None, class_index: int | None = None) -> Finding:
+        """``probe``: a ``probes.linear`` Finding (None: the built-in sentiment probe); ``task`` (or ``inputs``): what
+        to measure with ``interp.evaluate`` (default: "sentiment"). h' = h − (h·ŵ)ŵ at ``layer`` (default: the
+        probe's best) at ``positions``; the control removes ``n_random`` random unit directions, one at a time.
+        The table has one row per item; Δ = with − without, and the paired bootstrap CI of Δ_probe − Δ_random."""
+        from interp.tasks import bootstrap_ci
+        task = task if task is not None else (inputs if inputs is not None else "sentiment")
+        if probe is None:
+            probe = linear_probe(model, progress=False)
+        if probe.analysis != Linear.name:
+            raise interp.InterpError(f"probe must be a probes.linear Finding, got {probe.analysis!r}")
+        if n_random < 1:
+            raise interp.InterpError(f"n_random = {n_random}: the control needs at least one random direction")
+        layer = probe.metrics["best_layer"] if layer is None else int(layer)
+        kw = {"layer": layer, "positions": positions, "mode": "ablate", "class_index": class_index}
+        spec = linear_probe.to_spec(probe, model, **kw)
+        ev = interp.evaluate(model, spec, task, limit=limit, seed=seed)
+        rand = [interp.evaluate(model, linear_probe.to_spec(probe, model, **kw, control=True, seed=seed + 1 + i), task,
+                                limit=limit, seed=seed) for i in range(n_random)]
+        base = ev.table["without"].to_numpy()
+        d_probe = ev.table["delta"].to_numpy()
+        d_rand = np.mean([r.table["delta"].to_numpy() for r in rand], 0)
+        table = pd.DataFrame({"item": ev.table["item"], "without": base, "probe_removed": ev.table["with"].to_numpy(),
+                              "random_removed": base + d_rand, "delta_probe": d_probe, "delta_random": d_rand})
+        m, lo, hi = bootstrap_ci((d_probe - d_rand).tolist(), seed=seed)
+        em = ev.metrics
+        _, rlo, rhi = bootstrap_ci(d_rand.tolist(), seed=seed)
+        metrics = {"task": em["task"], "metric": em["metric"], "n": em["n"], "layer": layer, "without": em["without"],
+                   "with_probe_removed": em["with"], "delta_probe": em["delta"], "delta_probe_ci": em["delta_ci"],
+                   "delta_random": float(d_rand.mean()), "delta_random_ci": [rlo, rhi],
+                   "probe_minus_random": m, "probe_minus_random_ci": [lo, hi], "n_random": n_random}
+        if layer in probe.params.get("layers", []):
+            metrics["probe_accuracy"] = float(probe.table.set_index("layer").accuracy[layer])
+        params = {"layer": layer, "positions": positions, "n_random": n_random, "seed": seed, "limit": limit,
+                  "concept": probe.params.get("concept"), "class_index": class_index}
+        return Finding(self.name, table, params, model.identity(), probe.prompts, metrics,
+                       {"direction": spec.tensors[spec.edits[0]["tensor"]]})
+
+    def to_spec(self, finding: Finding, model: interp.Model, **params) -> interp.Spec:
+        """The probe-direction ablation that was measured (``resid.project_out``)."""
+        p = finding.params
+        edit = interp.ops.project_out([int(p["layer"])], finding.arrays["direction"], positions=p["positions"])
+        return interp.Spec.for_model(model, [edit], analysis=self.name, prompts=finding.prompts,
+                                     params={"layer": p["layer"], "positions": p["positions"], "concept": p["concept"]})
+
+    def explain(self, finding: Finding) -> str:
+        m = finding.metrics
+        lo, hi = m["probe_minus_random_ci"]
+        worse = (hi < 0) if m["metric"] != "nll" else (lo > 0)
+        better = (lo > 0) if m["metric"] != "nll" else (hi < 0)
+        verdict = "more than" if worse else "less than" if better else "no more than (distinguishably)"
+        return (f"Removing the probe direction at layer {m['layer']} moves {m['task']} {m['metric']} from "
+                f"{m['without']:.3f} to {m['with_probe_removed']:.3f} (Δ {m['delta_probe']:+.3f}), against Δ "
+                f"{m['delta_random']:+.3f} for random directions: Δ_probe − Δ_random {m['probe_minus_random']:+.3f}, 95 % "
+                f"paired CI [{lo:+.3f}, {hi:+.3f}]; it hurts {verdict} a random direction.")
+
+
+causal_probe = CausalProbe()
