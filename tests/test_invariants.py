@@ -63,13 +63,15 @@ def make_edit(name, sel, m):
         "amplify": ({"op": "attn.amplify", "layers": L, "queries": "all", "keys": sel, "alpha": 0.5}, {}),
         "project_out": ({"op": "resid.project_out", "layers": L, "positions": sel, "tensor": "u", "strength": 0.7,
                          "value": 0.3}, {"u": _rand(d, seed=6).float()}),
+        "gift": ({"op": "attn.gift", "layers": L, "queries": sel, "keys": "1:4", "query_keys": [5, 6], "tensor": "s",
+                  "alpha": 1.5, "top": 2}, {"s": torch.tensor([0.0, 1.0, 0.4])}),
     }
     return edits[name]
 
 
 OP_NAMES = ["scale", "scale_redistribute", "scale_raw", "bias", "distance", "bias_tensor", "local_window", "copy_head",
             "knockout", "head_scale", "ablate_zero", "ablate_mean", "resid_add", "suppress", "patch_resid", "patch_z",
-            "oeb", "smi", "amplify", "project_out"]
+            "oeb", "smi", "amplify", "project_out", "gift"]
 
 
 def test_every_op_is_covered():
@@ -315,6 +317,23 @@ def test_float64_reference(name, sel):
         want = soft(torch.where(qsel[:, None] & onehot([1, 2], T)[None, :] & heads, -1e9, 0.0))
     elif name == "amplify":
         want = soft(torch.where(edge, 0.5 * z.abs(), 0.0))
+    elif name == "gift":  # top-2 heads by image mass: a_V ⊙ exp(1.5 s); top-2 by question mass: a_Q · r; renormalise
+        V, Q = onehot([1, 2, 3], T), onehot([5, 6], T)
+        mvec = torch.ones(T, dtype=torch.float64)
+        mvec[[1, 2, 3]] = torch.exp(1.5 * tensors["s"])
+
+        def top2(mass):  # [h, q] -> bool [h, q], ties to the lower head
+            out = torch.zeros_like(mass, dtype=torch.bool)
+            for q in range(mass.shape[1]):
+                out[sorted(range(H), key=lambda h: (-float(mass[h, q]), h))[:2], q] = True
+            return out
+        sv, sq = top2((A * V).sum(-1)), top2((A * Q).sum(-1))
+        wv = torch.where(sv[..., None] & V, A * mvec, A)
+        orig, new = (A * V * sv[..., None]).sum((0, 2)), (wv * V * sv[..., None]).sum((0, 2))
+        r = torch.where(orig > 0, new / orig.clamp_min(1e-300), 1.0)  # [q]
+        edited = torch.where(sq[..., None] & Q, wv * r[None, :, None], wv)
+        edited = edited / edited.sum(-1, keepdim=True)
+        want = torch.where(qsel[None, :, None] & (sv | sq)[..., None], edited, A)
     elif name == "oeb":
         p = torch.softmax(torch.where(causal, z, -math.inf), -1)
         Bm, Sm = onehot([4, 5], T) & causal, onehot([1, 2, 3], T) & causal
