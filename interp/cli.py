@@ -171,7 +171,9 @@ def models() -> None:
     print(f"smollm2          {lock()['name']} (embedded GGUF): {p if p else 'not fetched: python -m interp.embedded'}")
     tb = Path(__file__).parent / "testbed" / "checkpoints"
     for d in sorted(tb.iterdir()) if tb.exists() else []:
-        print(f"{d.name:<16} testbed VLM ({d})")
+        base = (f", on {json.loads((d / 'testbed.json').read_text()).get('language_model')}"
+                if (d / "vision.safetensors").exists() and (d / "testbed.json").exists() else "")
+        print(f"{d.name:<16} testbed VLM{base} ({d})")
     conv = cache_dir() / "converted"
     for d in sorted(conv.iterdir()) if conv.exists() else []:
         print(f"{'(cached)':<16} {_converted_name(d)}: {d}")
@@ -204,7 +206,7 @@ def _scan_help() -> str:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
-                   help="smollm2 (the embedded default), llava_ar / llada_diffusion (testbeds), a .gguf file, an HF "
+                   help="smollm2 (the embedded default), llava_ar / llada_diffusion / smol_llava (testbeds), a .gguf file, an HF "
                         "folder or a hub id")
     p.add_argument("--device", default=None, help="where the model runs, e.g. cpu, cuda, cuda:1 (default: where it loads)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="convert the weights to this dtype (default: as loaded)")

@@ -332,6 +332,9 @@ def _from_path_or_id(src: str, dtype):
         if not p.is_file():
             raise InterpError(f"GGUF file not found: {p}. Check the path (interp.load takes a .gguf file path)")
         return _load_gguf(p, dtype) + (p.stem,)
+    if p.is_dir() and (p / VISION_WEIGHTS).exists() and not (p / "model.safetensors").exists():
+        hf, tok = assemble_vlm(p, dtype)  # a testbed folder with only its vision part: the LM comes from its base
+        return hf, tok, str(p), p.name
     if p.is_dir():
         if not (p / "config.json").exists():
             ggufs = sorted(p.glob("*.gguf"))
@@ -362,6 +365,47 @@ def _from_path_or_id(src: str, dtype):
         raise InterpError(f"could not fetch {src!r} from the Hugging Face hub (unknown id, private, or a "
                           f"network error: {e}); check the id, or {how}") from None
     return hf, tok, f"hub:{src}", src.split("/")[-1]
+
+
+VISION_WEIGHTS = "vision.safetensors"  # vision tower + projector of a VLM whose LM is a separately stored base model
+
+
+def assemble_vlm(folder: Path, dtype: torch.dtype = torch.float32, lm: nn.Module | None = None):
+    """A LLaVA-style VLM from a folder holding only its vision part -> ``(hf, tokenizer)``.
+
+    ``config.json`` is the full ``LlavaConfig``; ``vision.safetensors`` holds ``model.vision_tower.*`` and
+    ``model.multi_modal_projector.*``; ``testbed.json``'s ``"language_model"`` names the base LM (``"smollm2"``:
+    the embedded GGUF, its sha256 checked against the lock file), whose modules become the language model and
+    ``lm_head`` unchanged (pass ``lm``, a loaded ``LlamaForCausalLM``, to reuse one; the tokenizer is then None)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, LlavaForConditionalGeneration
+    folder = Path(folder)
+    meta = json.loads((folder / "testbed.json").read_text()) if (folder / "testbed.json").exists() else {}
+    base = meta.get("language_model")
+    if base is None:
+        raise InterpError(f"{folder} holds {VISION_WEIGHTS} but its testbed.json names no 'language_model' "
+                          "(the base LM to assemble the VLM with, e.g. 'smollm2')")
+    tok = None
+    if lm is None:
+        lm, tok, _, _ = _from_path_or_id(base, dtype)
+    config = AutoConfig.from_pretrained(folder)
+    config.text_config = lm.config
+    with torch.device("meta"):  # no memory for the LM's own copy; the vision part is rebuilt for real below
+        hf = LlavaForConditionalGeneration(config)
+    hf.model.language_model = lm.model
+    hf.lm_head = lm.lm_head
+    hf.model.vision_tower = AutoModel.from_config(config.vision_config)  # real buffers (CLIP's position ids)
+    hf.model.multi_modal_projector = type(hf.model.multi_modal_projector)(config)
+    state = load_file(str(folder / VISION_WEIGHTS))
+    own = {k: v for k, v in hf.state_dict().items() if not k.startswith(("model.language_model.", "lm_head."))}
+    if set(state) != set(own):
+        raise InterpError(f"{folder / VISION_WEIGHTS} does not match config.json: missing "
+                          f"{sorted(set(own) - set(state))[:4]}, unexpected {sorted(set(state) - set(own))[:4]}")
+    hf.load_state_dict(state, strict=False, assign=True)
+    hf.to(dtype=dtype)
+    hf.config.tie_word_embeddings = lm.config.tie_word_embeddings
+    hf.config._name_or_path = str(folder)  # where testbed.json is found (interp.testbed.items.testbed_meta)
+    return hf.eval(), tok
 
 
 class _NotCached(Exception):

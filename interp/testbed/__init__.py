@@ -53,7 +53,7 @@ from .vocab import COLOURS, SHAPES, VOCAB, build_tokenizer
 from . import items as _items  # noqa: E402,F401  (registers the scene_seed item source with interp.vlm)
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
-TESTBED_NAMES = ("llava_ar", "llada_diffusion")
+TESTBED_NAMES = ("llava_ar", "llada_diffusion", "smol_llava")
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -90,21 +90,29 @@ def load_testbed(name: str = "llava_ar", attn_implementation: str = "eager", dev
                  dtype: torch.dtype = torch.float32):
     """Load a committed testbed model -> ``(model, tokenizer, meta)``.
 
-    ``name`` is ``"llava_ar"`` / ``"llada_diffusion"`` (or a path to a checkpoint dir).
+    ``name`` is ``"llava_ar"`` / ``"llada_diffusion"`` / ``"smol_llava"`` (or a path to a checkpoint dir).
+    A folder holding only ``vision.safetensors`` (``smol_llava``) is assembled with its base LM
+    (:func:`interp.model.assemble_vlm`; the embedded SmolLM2, sha256-checked).
     The model is returned in eval mode.  ``meta`` is the parsed ``testbed.json``.
     """
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from ..model import VISION_WEIGHTS, _from_path_or_id
 
     path = Path(name)
     if not path.is_dir():
         if name not in TESTBED_NAMES:
             raise ValueError(f"unknown testbed {name!r}; expected one of {TESTBED_NAMES} or a directory")
         path = CHECKPOINT_DIR / name
-    model = LlavaForConditionalGeneration.from_pretrained(
-        str(path), attn_implementation=attn_implementation, dtype=dtype
-    )
+    if (path / VISION_WEIGHTS).exists() and not (path / "model.safetensors").exists():
+        model, tokenizer, _, _ = _from_path_or_id(str(path), dtype)
+        model.set_attn_implementation(attn_implementation)
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            str(path), attn_implementation=attn_implementation, dtype=dtype
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
     meta = json.loads((path / "testbed.json").read_text())
     meta["path"] = str(path)
     if meta["kind"] == "diffusion" and getattr(model.config.text_config, "is_causal", True):
@@ -126,9 +134,13 @@ def prompt_text(meta: dict, question: str, answer: str | None = None) -> str:
     """The textual sequence; ends with ``assistant :`` when ``answer`` is None.
 
     For the diffusion model the answer region is padded with ``<eos>`` to
-    ``meta["gen_len"]`` tokens (as in training).
+    ``meta["gen_len"]`` tokens (as in training).  A ``meta`` with ``prompt_template`` /
+    ``answer_template`` (``smol_llava``: SmolLM2's chat markup) fills those instead.
     """
-    img = " ".join([meta["image_token"]] * meta["n_image_tokens"])
+    img = meta.get("image_token_join", " ").join([meta["image_token"]] * meta["n_image_tokens"])
+    if "prompt_template" in meta:
+        s = meta["prompt_template"].format(image=img, question=question)
+        return s if answer is None else s + meta["answer_template"].format(answer=answer)
     s = f"<bos> {img} user : {question} assistant :"
     if answer is not None:
         words = answer.split()
@@ -146,7 +158,7 @@ def build_inputs(tokenizer, meta: dict, scene: Scene, question, answer: str | No
     """
     qtext = question.text if isinstance(question, Question) else str(question)
     ids = tokenizer(prompt_text(meta, qtext, answer), add_special_tokens=False, return_tensors="pt")["input_ids"]
-    if (ids == tokenizer.unk_token_id).any():
+    if tokenizer.unk_token_id is not None and (ids == tokenizer.unk_token_id).any():
         raise ValueError(f"unknown word in {qtext!r} / {answer!r}")
     return {
         "input_ids": ids,
@@ -156,7 +168,7 @@ def build_inputs(tokenizer, meta: dict, scene: Scene, question, answer: str | No
 
 
 # ---------------------------------------------------------------------- prediction
-def _decode_answer(tokenizer, token_ids) -> str:
+def _decode_answer(tokenizer, token_ids, meta: dict | None = None) -> str:
     eos = tokenizer.eos_token_id
     out = []
     for t in token_ids:
@@ -164,6 +176,8 @@ def _decode_answer(tokenizer, token_ids) -> str:
         if t == eos:
             break
         out.append(t)
+    if meta is not None and meta.get("answer_decode") == "text":  # a subword tokenizer: decode, not join words
+        return tokenizer.decode(out).strip()
     return " ".join(tokenizer.convert_ids_to_tokens(out))
 
 
@@ -193,7 +207,19 @@ def predict_answers(model, tokenizer, meta: dict, scenes: list[Scene], questions
             ids = torch.cat([encoded[i]["input_ids"] for i in bi]).to(device)
             px = torch.cat([encoded[i]["pixel_values"] for i in bi]).to(device, next(model.parameters()).dtype)
             L = ids.shape[1]
-            if kind == "ar":
+            if kind == "ar" and meta.get("decode_cache"):  # greedy with the KV cache (a large LM)
+                x = ids
+                done = torch.zeros(x.shape[0], dtype=torch.bool, device=device)
+                out = model(input_ids=x, pixel_values=px, use_cache=True, logits_to_keep=1)
+                for _ in range(max_new_tokens):
+                    nxt = out.logits[:, -1].argmax(-1)
+                    x = torch.cat([x, nxt[:, None]], dim=1)
+                    done |= nxt == tokenizer.eos_token_id
+                    if done.all():
+                        break
+                    out = model(input_ids=nxt[:, None], past_key_values=out.past_key_values, use_cache=True,
+                                logits_to_keep=1)
+            elif kind == "ar":
                 x = ids
                 done = torch.zeros(x.shape[0], dtype=torch.bool, device=device)
                 for _ in range(max_new_tokens):
@@ -209,7 +235,7 @@ def predict_answers(model, tokenizer, meta: dict, scenes: list[Scene], questions
             else:
                 raise ValueError(kind)
             for j, i in enumerate(bi):
-                answers[i] = _decode_answer(tokenizer, x[j, L:].tolist())
+                answers[i] = _decode_answer(tokenizer, x[j, L:].tolist(), meta)
     return answers
 
 

@@ -68,6 +68,11 @@ def vqa_item(scene: Scene, q: Question, meta: dict | None = None) -> VQAItem:
     mask = torch.zeros(N_PATCHES, dtype=torch.bool)
     if q.obj is not None:
         mask[list(scene.objects[q.obj].patches)] = True
+    if meta.get("n_image_tokens", N_PATCHES) != N_PATCHES:  # another patch grid (smol_llava: 4x4): the box in pixels
+        mask = torch.zeros(scene.image.shape[-2:], dtype=torch.bool)
+        if q.obj is not None:
+            x0, y0, x1, y1 = scene.objects[q.obj].box
+            mask[y0:y1, x0:x1] = True
     return VQAItem(prompt_text(meta, q.text), q.answer, image=scene.image, mean=meta["image_mean"],
                    std=meta["image_std"], mask=mask, objects=[o.box for o in scene.objects], question=q.text,
                    gen_len=int(meta.get("gen_len") or _DEFAULT_META["gen_len"]), fill=BACKGROUND, seed=scene.seed,
