@@ -34,12 +34,27 @@ def main() -> None:
     ap.add_argument("model", nargs="?", default="llava_ar")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--only", default="gift,eah,art")
+    ap.add_argument("--quick", action="store_true", help="the analyses' own specs only: no controls or variants")
+    ap.add_argument("--logprob", action="store_true", help="score log p(answer's first token) instead of accuracy")
     a = ap.parse_args()
     hf, tok, meta = load_testbed(a.model)
     model = interp.load(hf, tokenizer=tok, name=a.model)
     task = load_task("testbed_vqa")
     if a.limit:
         task = Task(task.name, task.kind, task.items[:a.limit], task.path)
+    if a.model != "llava_ar":  # the task's scenes and questions in this model's prompt template and patch grid
+        from interp.testbed.items import testbed_meta, vqa_item
+        from interp.testbed.scenes import Question, make_scene
+        tm = testbed_meta(model)
+        items = []
+        for d in task.items:
+            it = vqa_item(make_scene(int(d["scene_seed"])), Question(d.get("qtype", "vqa"), d["question"], d["answer"],
+                                                                     None), tm)
+            it.meta["score"] = "logprob" if a.logprob else None
+            items.append(it)
+        task = Task(task.name, task.kind, items, task.path)
+    elif a.logprob:
+        task = Task(task.name, task.kind, [{**it, "score": "logprob"} for it in task.items], task.path)
     only = set(a.only.split(","))
     print(f"{a.model}: {model.n_layers} layers x {model.n_heads} heads; task {task.name} n = {len(task.items)}", flush=True)
     t0 = time.time()
@@ -48,7 +63,7 @@ def main() -> None:
         print("EAH finding:", f.explain(), flush=True)
         print(line(f"EAH copy_head layer {f.params['layer']} <- head {f.metrics['best_head']}",
                    interp.evaluate(model, f.to_spec(model), task)), flush=True)
-        for h in range(model.n_heads):
+        for h in range(0 if a.quick else model.n_heads):
             if h != f.metrics["best_head"]:
                 print(line(f"  control: copy head {h} instead", interp.evaluate(
                     model, f.to_spec(model, source_head=h), task)), flush=True)
@@ -56,7 +71,7 @@ def main() -> None:
         for eta in (0.9, 0.8):
             f = entropy(model, eta=eta)
             print(f"ART finding (eta {eta}):", f.explain(), flush=True)
-            for w in (32, 64):
+            for w in (32,) if a.quick else (32, 64):
                 try:
                     s = f.to_spec(model, window=w)
                 except interp.InterpError as e:
@@ -69,7 +84,7 @@ def main() -> None:
         print("GIFT finding:", f.explain(), flush=True)
         ls, enh = f.metrics["layers"], f.metrics["enhance_layers"]
         print(line(f"GIFT l_s {ls} layers {enh} alpha 5", evaluate_items(model, task)), flush=True)
-        if model.n_layers >= 3:
+        if model.n_layers >= 3 and not a.quick:
             print(line("GIFT l_s [0] layers 1.. alpha 5", evaluate_items(
                 model, task, layers=[0], enhance_layers=list(range(1, model.n_layers)))), flush=True)
     print(f"({time.time() - t0:.0f} s)")
