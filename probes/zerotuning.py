@@ -1,4 +1,4 @@
-"""ZeroTuning: head-specific scaling of the first token's attention (Han et al., ICLR'26; docs/methods.md §8.1).
+"""ZeroTuning: head-specific scaling of the first token's attention (Han et al., ICLR'26; docs/methods.md §8t).
 
 For a head h with first-token weight a_0 of a query row, ZeroTuning sets
 
@@ -61,6 +61,8 @@ def held_out(finding: Finding, limit: int | None = None) -> Task:
     """The items a search finding did not see (its task minus the first ``n_val``), for ``interp.evaluate``."""
     p = finding.params
     _, test = search_split(p["task"], int(p["n_val"]))
+    n = int(p.get("n_items", len(test) + int(p["n_val"]))) - int(p["n_val"])  # a Task given as a subset of its file
+    test = test.subset(n)
     return test.subset(limit) if limit else test
 
 
@@ -230,7 +232,7 @@ class ZeroTuning(Analysis):
         }
         notes = [] if heads else ["no candidate head improves the objective at either profile γ: nothing selected"]
         return Finding(self.name, table, {"task": t.name if not isinstance(task, Task) else str(t.path or t.name),
-                                          "n_val": n_val, "mode": mode, "layers": layers, "top_k": top_k,
+                                          "n_val": n_val, "n_items": len(t), "mode": mode, "layers": layers, "top_k": top_k,
                                           "n_candidates": n_candidates, "profile_gammas": [g_dn, g_up],
                                           "grid": [float(g) for g in grid]},
                        model.identity(), digest(prep[0]), metrics, {"alpha0": alpha}, notes)
