@@ -1,5 +1,5 @@
 """PAI: Liu et al., "Paying More Attention to Image: A Training-Free Method for Alleviating Hallucination in
-LVLMs" (ECCV 2024; LALBJ/PAI attention.py, CFG.py). docs/methods.md §8 (METHODS.md §8, PAI row).
+LVLMs" (ECCV 2024; LALBJ/PAI attention.py, CFG.py). docs/methods.md §8a (METHODS.md §8, PAI row).
 
 The finding picks PAI's layer scope from the model's own image attention. For item n, layer l, with q_n the
 answer query (the last prompt token) and V_img the image tokens:

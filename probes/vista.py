@@ -1,5 +1,5 @@
 """VISTA: Li et al., "The Hidden Life of Tokens: Reducing Hallucination of Large Vision-Language Models via
-Visual Information Steering" (ICML 2025; LzVv123456/VISTA). docs/methods.md §9a (METHODS.md §9a).
+Visual Information Steering" (ICML 2025; LzVv123456/VISTA). docs/methods.md §9c (METHODS.md §9a).
 
 Two parts, read off VQA items with images:
 
