@@ -27,6 +27,8 @@ one prompt and its own saliency at a time, and pools the paired differences.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import pandas as pd
 import torch
 
@@ -42,7 +44,7 @@ i you he she we they me my your our their his her them us can could would should
 have had user assistant""".split())
 
 
-def content_positions(tokens: list[str], positions: list[int], stop_words=STOP_WORDS) -> list[int]:
+def content_positions(tokens: list[str], positions: list[int], stop_words: Collection[str] = STOP_WORDS) -> list[int]:
     """The positions among ``positions`` whose token is a content word: alphanumeric once lower-cased and stripped
     of BPE markers (Ġ ▁ ##), and not in ``stop_words``."""
     out = []
@@ -95,7 +97,7 @@ class Gift(Analysis):
     requires = ("vision",)
 
     def run(self, model: interp.Model, inputs=None, *, layers: list[int] | None = None, alpha: float = 5.0,
-            top: int | None = None, stop_words=STOP_WORDS) -> Finding:
+            top: int | None = None, stop_words: Collection[str] = STOP_WORDS) -> Finding:
         """``inputs``: VQAItems with ``question`` (None: the testbed's held-out items); ``layers``: Λ_s (default
         [l_s]); ``top``: heads kept per layer (default ⌊H/2⌋)."""
         items = _items(model, inputs)
