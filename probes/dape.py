@@ -1,5 +1,5 @@
 """DAPE-BR: the 1-D-vs-2-D mismatch of attention among image tokens, and patch-distance re-alignment
-(docs/methods.md §8, "DAPE-BR" [recon]: the paper's text and code were not available; only its one-line
+(docs/methods.md §8p, "DAPE-BR" [recon]: the paper's text and code were not available; only its one-line
 description, "positional re-alignment for LVLMs: patch-distance metric, patch-distance causal mask").
 
 Image token i of a g × g grid (raster order, as LLaVA flattens its patches) is patch (r_i, c_i) =

@@ -1,5 +1,5 @@
 """EDAR on masked-diffusion VLMs: the anchors' sink mass, the image's blind spots, and a distance-aware key
-bias (docs/methods.md §8, "EDAR" [recon]: from the abstract only, no paper text or code).
+bias (docs/methods.md §8p, "EDAR" [recon]: from the abstract only, no paper text or code).
 
 The claim: in diffusion MLLMs the special tokens act as anchors that gather the image, become attention sinks
 that take the budget, and rotary long-range decay leaves image regions they barely see (blind spots). On each

@@ -1,5 +1,5 @@
 """TokenTruth: massive activations on image tokens and positional decay of attention over the image
-(docs/methods.md §2 and §8 "TokenTruth" [recon]: from the abstract only, no paper text or code).
+(docs/methods.md §2 and §8p, "TokenTruth" [recon]: from the abstract only, no paper text or code).
 
 The claim: multimodal models hallucinate because of massive activations and rotary positional decay; a
 token-level penalty that moves attention off the irrelevant image tokens toward informative regions helps,
