@@ -11,7 +11,14 @@ is reset after loading through /proc/self/clear_refs, then read as ru_maxrss/VmH
 that RSS follows the bytes actually held (no glibc heap slack); and the total peak RSS.
 Ratios are against row 1, the plain HF SDPA forward.
 
-    .venv/bin/python bench/capture.py                      # 512 tokens, 2 threads, 5 repeats
+    .venv/bin/python bench/capture.py                      # 512 tokens, 2 threads, 5 repeats, + the 8,192-token rows
+    .venv/bin/python bench/capture.py --long 0             # the 512-token table only
+
+Long context (``--long T``, default 8192): the plain forward (row 1) and the reducer-only capture (row 4) again at
+T tokens, each in fresh subprocesses (one warm-up and ``--long-repeats`` timed runs, then the peak RSS of the
+process), the two rows alternated ``--long-rounds`` times. Both rows return the logits of the last position only
+(``logits_to_keep=1``, passed through interp's inputs dict): at 8,192 tokens the full [T, 49152] fp32 logits are
+1.5 GiB that neither a reducer-only capture nor the comparison needs.
     .venv/bin/python bench/capture.py --tokens 1024 --threads 2 --repeats 7
 """
 from __future__ import annotations
@@ -58,6 +65,9 @@ LABELS = {
 TL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # only names the bridge's config; nothing is downloaded
 
 
+_ARGS = None  # the parsed arguments (``--logits-last`` reaches build())
+
+
 class Unavailable(Exception):
     """A row that cannot run here; the message says why."""
 
@@ -76,12 +86,13 @@ def build(row: str, m, private: bool):
         hf.set_attn_implementation(impl)
         return hf
 
+    extra = {"logits_to_keep": 1} if getattr(_ARGS, "logits_last", False) else {}
     if row == "sdpa":
         hf = hf_copy("sdpa")
 
         def run(ids):
             with torch.no_grad():
-                return hf(input_ids=ids)
+                return hf(input_ids=ids, **extra)
         return run, None
 
     if row == "eager":
@@ -99,7 +110,7 @@ def build(row: str, m, private: bool):
 
     if row == "reducers":
         def run(ids):
-            return interp.capture(m, {"input_ids": ids}, reducers=[interp.KeyMass(), interp.Entropy()])
+            return interp.capture(m, {"input_ids": ids, **extra}, reducers=[interp.KeyMass(), interp.Entropy()])
         return run, None
 
     if row == "idle":
@@ -201,7 +212,7 @@ LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # every block >= 64 KiB is its o
 def memory_of(row: str, args, env: dict | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--row", row, "--tokens", str(args.tokens),
            "--threads", str(args.threads), "--seed", str(args.seed), "--warmup", str(args.warmup),
-           "--mem-repeats", str(args.mem_repeats)]
+           "--mem-repeats", str(args.mem_repeats)] + (["--logits-last"] if getattr(args, "logits_last", False) else [])
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=C.ROOT, env={**os.environ, **(env or {})})
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("{"):
@@ -398,8 +409,42 @@ def main(args) -> None:
         print(f"  [{verdict(r <= 0.6)}] full-capture peak memory <= 0.6x TransformerLens run_with_cache, TL's default "
               f"call (row 8, every hook point: the 2.5 GiB reference figure), total peak RSS: {r:.2f}x "
               f"({mem['interp']['peak_kib'] / 1024:.0f} vs {mem['tl_all']['peak_kib'] / 1024:.0f} MiB)")
+    if args.long:
+        long_rows(args)
     print()
     print("Reproduce:", C.reproduce("capture.py", argv))
+
+
+def long_rows(args) -> None:
+    """Rows 1 and 4 at ``args.long`` tokens: time and peak RSS from the same fresh subprocess, rows alternated."""
+    la = argparse.Namespace(**{**vars(args), "tokens": args.long, "warmup": 1, "mem_repeats": args.long_repeats,
+                               "logits_last": True})
+    print()
+    print(f"# long context: {args.long} random tokens (seed {args.seed}), logits of the last position only; "
+          f"load average at start: {C.loadavg()}")
+    runs: dict[str, list[dict]] = {"sdpa": [], "reducers": []}
+    order = list(runs)
+    for r in range(args.long_rounds):
+        for row in (order if r % 2 == 0 else order[::-1]):
+            res = memory_of(row, la)
+            if "error" in res:
+                print(f"  {LABELS[row]} at {args.long} tokens: NOT MEASURED: {res['error']}")
+                return
+            runs[row].append(res)
+            print(f"  ({LABELS[row]}: {res['time_s']:.1f} s, peak RSS {res['peak_kib'] / 1024:.0f} MiB, "
+                  f"load {C.loadavg()})", flush=True)
+    t = {row: C.median([x["time_s"] for x in rs]) for row, rs in runs.items()}
+    pk = {row: C.median([x["peak_kib"] for x in rs]) / 1024 for row, rs in runs.items()}
+    dl = {row: C.median([x["delta_kib"] for x in rs]) / 1024 for row, rs in runs.items()}
+    headers = ["row", "tokens", "time s", "x sdpa", "Δpeak MiB", "peak RSS MiB", "x sdpa"]
+    rows = [[LABELS[row], str(args.long), f"{t[row]:.1f}", f"{t[row] / t['sdpa']:.2f}x", f"{dl[row]:.0f}",
+             f"{pk[row]:.0f}", f"{pk[row] / pk['sdpa']:.2f}x"] for row in runs]
+    print(C.table(headers, rows))
+    print(f"time: median over {args.long_rounds} subprocess(es) per row of the median of {args.long_repeats} timed "
+          f"run(s) after 1 warm-up; peak RSS of that subprocess (weights loaded). Load average at end: {C.loadavg()}")
+    r, gib = t["reducers"] / t["sdpa"], pk["reducers"] / 1024
+    print(f"  [{'PASS' if r <= 1.2 else 'MISS'}] reducer-only <= 1.2x plain SDPA time at {args.long} tokens: {r:.2f}x")
+    print(f"  [{'PASS' if gib <= 3 else 'MISS'}] reducer-only peak RSS <= 3 GiB at {args.long} tokens: {gib:.2f} GiB")
 
 
 def parse(argv=None):
@@ -412,12 +457,16 @@ def parse(argv=None):
     p.add_argument("--mem-repeats", type=int, default=2, help="runs after warm-up in each memory subprocess")
     p.add_argument("--mem-runs", type=int, default=3, help="memory subprocesses per row (median), default allocator")
     p.add_argument("--no-memory", action="store_true", help="skip the per-row memory subprocesses")
+    p.add_argument("--long", type=int, default=8192, help="also rows 1 and 4 at this many tokens (0: skip)")
+    p.add_argument("--long-rounds", type=int, default=1, help="subprocesses per long row, alternated (median)")
+    p.add_argument("--long-repeats", type=int, default=1, help="timed runs per long subprocess, after 1 warm-up")
+    p.add_argument("--logits-last", action="store_true", help=argparse.SUPPRESS)  # internal: logits_to_keep=1
     p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: measure one row's memory
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    a = parse()
+    a = _ARGS = parse()
     if a.row:
         print(json.dumps(measure_row(a)))
     else:

@@ -168,7 +168,11 @@ class KeyMass(Reducer):
             s = self._state[layer] = {"sum": w.new_zeros(*w.shape[:2], call.k_len, dtype=torch.float32),
                                       "count": count, "owner": owner}
         if call.query_valid is None or self._per_mask("all_real", call, kc, lambda: bool(call.query_valid.all())):
-            s["sum"][..., :kc] += w.sum(2, dtype=torch.float32)  # every query is real
+            if w.dtype == torch.float32:  # Σ_q as a ones-vector GEMM over [b·h, q, k]: one pass, vectorised along k
+                ones = w.new_ones(1, w.shape[2])
+                s["sum"][..., :kc] += torch.matmul(ones, w.reshape(-1, w.shape[2], kc)).view(*w.shape[:2], kc)
+            else:
+                s["sum"][..., :kc] += w.sum(2, dtype=torch.float32)  # every query is real
         else:
             # Σ over real queries, without a [b,h,q,k] temporary; in float64 because BLAS sums in an order that
             # depends on the chunk's width, and a mass of ~T must not depend on how the keys were chunked
@@ -236,7 +240,7 @@ class Entropy(Reducer):
                 # a half-precision mask (finfo.min plus a negative score) rounds to -inf, and 0 · -inf is NaN
                 z = torch.nan_to_num(z, nan=0.0, neginf=torch.finfo(torch.float32).min)
         if z is not None and call.lse is not None:  # H = log Z − Σ_k p_k z_k, log Z from the kernel
-            H = call.lse.float() - torch.linalg.vecdot(w, z)
+            H = call.lse.float() - torch.einsum("...k,...k->...", w, z)  # a batched dot: no [b, h, q, k] product
         elif z is not None:
             # H = log Z − Σ_k p_k z_k with log Z = z_max − log p_max: no log over [b, h, q, k]
             # (softmax is monotonic, so p_max is the weight at z's argmax; two amax passes beat max + gather)
