@@ -1,4 +1,4 @@
-"""Geometry of step representations in multi-step prompts (docs/methods.md §10, "geometric probe").
+"""Geometry of step representations in multi-step prompts (docs/methods.md §10b).
 
 Each prompt is a chain of steps s = 1…S (default: running sums built in code, "Start with 3. Add 4 to get 7. Add
 2 to get 9. …"); step s is represented at layer l by the residual stream at its last token, r^l_{n,s} =

@@ -308,7 +308,7 @@ def random_direction(d: int, seed: int = 0) -> torch.Tensor:
 
 
 class CausalProbe(Analysis):
-    """The causal test of a linear probe (docs/methods.md §10): remove the probe direction from the residual
+    """The causal test of a linear probe (docs/methods.md §10a): remove the probe direction from the residual
     stream and measure the behaviour on a task, against removing random directions."""
 
     name = "probes.linear_causal"
