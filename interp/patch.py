@@ -234,13 +234,12 @@ class _Decoder:
       model applies it), at the positions the model returned logits for (the last ones under ``logits_to_keep``).
     * CFG's reference pass is the same call again (same inputs, pixels, mask and positions) with the edit's
       ``keys`` (the image tokens) knocked out from every query in its ``layers``, under every other edit of the
-      spec; decoding edits do not run inside it. Under cached generation it keeps a KV cache of its own, started
+      spec; decoding edits (of any spec) do not run inside it. Under cached generation it keeps a KV cache of its own, started
       afresh at every forward that begins at position 0.
     """
 
     def __init__(self, hook: "_SpecHook", owner: int):
         self.hook, self.model, self.owner = hook, hook.model, owner
-        self.nested = False
         self.states: dict[int, torch.Tensor] = {}
         self.caches: dict[int, object] = {}
         self.call: tuple = ((), {})
@@ -259,7 +258,7 @@ class _Decoder:
         if threading.get_ident() != self.owner:
             self.model.engine.check_thread()
             return False
-        return not self.nested
+        return not getattr(self.model.engine, "decode_reference_pass", False)  # none inside a CFG reference pass
 
     def _record(self, layer: int) -> Callable:
         def fn(mod, args, out):
@@ -316,12 +315,12 @@ class _Decoder:
         ko = self.knockouts[id(e)]
         ko.bias_cache.clear()
         offset = eng.offset
-        self.nested = True
+        eng.decode_reference_pass = True
         try:
             with eng.using(ko):
                 out = self.model.hf(*args, **kwargs)
         finally:
-            self.nested = False
+            eng.decode_reference_pass = False
             eng.offset = offset
         return out[0] if isinstance(out, tuple) else out.logits
 

@@ -252,3 +252,17 @@ def test_bad_input_is_refused(tb, llama):
         Spec.for_model(llama, [{"op": "decode.sla", "layers": [0], "heads": [1], "alpha": 0.2}])
     with pytest.raises(InterpError, match="parts"):
         vista_mod.vista.to_spec(vista_mod.vista(m, items[:2]), m, parts=("cfg",))
+
+
+def test_two_specs_compose_and_the_reference_pass_runs_no_decoding_edit(tb):
+    """SLA in one spec, CFG in another: CFG reads the SLA-mixed logits, and its no-image pass is the plain one."""
+    m, items, b = tb
+    sla = Spec.for_model(m, [ops.sla([0], 0.5)])
+    cfg = Spec.for_model(m, [ops.cfg(2.0, cutoff=0.0)])
+    mixed = m.answer_logits(b, sla).double()
+    with interp.patch(m, hooks=_no_image_hooks(m, b)), m.engine.running(b):
+        no_img = m.answer_logits(b).double()
+    lp, l0 = torch.log_softmax(mixed, -1), torch.log_softmax(no_img, -1)
+    with interp.patch(m, sla, cfg):
+        got = m.answer_logits(b).double()
+    assert (got - (2.0 * (lp - l0) + l0)).abs().max() <= 1e-4
