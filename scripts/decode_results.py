@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         "PAI CFG γ=2 β=0": fp.to_spec(model=m, gamma=2.0, cutoff=0.0, parts=("cfg",)),
         "PAI attention α=0.2 + CFG γ=1.1": fp.to_spec(model=m),
         "VISTA SLA α=0.3": fv.to_spec(model=m, parts=("sla",)),
+        "VISTA VSV λ=0.01": fv.to_spec(model=m, lam=0.01, parts=("vsv",)),
         "VISTA VSV λ=0.17": fv.to_spec(model=m, parts=("vsv",)),
         "VISTA VSV λ=0.5": fv.to_spec(model=m, lam=0.5, parts=("vsv",)),
         "VISTA SLA α=0.3 + VSV λ=0.17": fv.to_spec(model=m),
