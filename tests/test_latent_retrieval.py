@@ -147,3 +147,26 @@ def test_causal_probe_spec_removes_the_probe_direction(llama):
     r = ctl.tensors[ctl.edits[0]["tensor"]]
     assert torch.allclose(r / r.norm(), random_direction(llama.d_model, 3), atol=1e-6)
     assert abs(float(r / r.norm() @ (w / w.norm()))) < 0.5
+
+
+def test_geometry_cosines_equal_hf_hidden_states(smol):
+    from probes.geometry import chain_prompts, geometry, step_positions
+    chains = chain_prompts(4, 3, seed=2)
+    f = geometry(smol, chains)
+    reps = []
+    for c in chains:
+        ids, ends = step_positions(smol.tokenizer, c)
+        assert [smol.tokenizer.decode(ids[e]) for e in ends] == ["."] * 3  # each step ends at its full stop
+        with torch.no_grad():
+            hs = smol.hf(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        reps.append(torch.stack([h[0, ends] for h in hs[1:]]).double())  # [L, S, d]
+    R = torch.stack(reps, 1)
+    Rn = R / R.norm(dim=-1, keepdim=True)
+    want = torch.stack([torch.stack([torch.stack([(Rn[:, n, s] * Rn[:, n, t]).sum(-1) for n in range(4)]).mean(0)
+                                     for t in range(3)], -1) for s in range(3)], -2)  # [L, S, S]
+    # HF's last hidden state is taken after the final norm: compare the layers before it
+    assert (f.arrays["cos"].double()[:-1] - want[:-1]).abs().max() <= 1e-4
+    assert f.metrics["chance"] == pytest.approx(1 / 3)
+    assert ((f.table.order_accuracy >= 0) & (f.table.order_accuracy <= 1)).all()
+    with pytest.raises(interp.InterpError, match="same number of steps"):
+        geometry(smol, [["a.", "b."], ["a."], ["c.", "d."], ["e.", "f."]])
