@@ -16,7 +16,8 @@ at t predict token t+1, mean over the T−1 predictions); ``("logit", pos, token
 logits[pos, token_id]; ``("label", pos, gold_id, label_ids)`` is the Label Words loss, the
 cross-entropy of the gold label among the label words' logits at pos,
 −log softmax(logits[pos, label_ids])[gold]; a callable maps the logits [T, vocab] to a scalar.
-Gradients come from ``interp.capture(..., grad=True)``; the analysis registers no hooks.
+Gradients come from ``interp.capture(..., grad=True)``; the analysis registers no hooks. On a bf16/fp16 model
+A and ∂L/∂A are half precision; their product and the head reduction are taken in fp32 (the map is fp32).
 
 Label-word flows (METHODS §4a; same code, ``get_proportion``), for label positions p_1..p_C and the
 target position q (0-indexed), on I restricted to rows/columns ≤ q:
@@ -167,7 +168,8 @@ class Saliency(Analysis):
         _scalar(tr.output.logits[0], ids, target).backward(inputs=[tr[n] for n in names])
         maps = []
         for name in names:
-            s = (tr[name] * tr.grad(name)).detach()[0].float()  # [H, T, T]
+            # [H, T, T], the product and the head sum in fp32 (a bf16/fp16 model's pattern and gradient are half)
+            s = (tr[name].detach()[0].float() * tr.grad(name).detach()[0].float())
             if head_reduce == "abs_after_sum":
                 m = s.sum(0).abs()
                 m.fill_diagonal_(0)
