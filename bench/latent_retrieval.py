@@ -32,5 +32,5 @@ if part in ("all", "causal"):
     t0 = time.time()
     p = linear_probe(m, progress=False)
     print(p.explain(), flush=True)
-    c = causal_probe(m, probe=p, task="sentiment", n_random=2, limit=80)
+    c = causal_probe(m, probe=p, task="sentiment", n_random=2, limit=60)
     print(c.explain(), json.dumps(c.metrics), f"({time.time() - t0:.0f} s)", flush=True)
