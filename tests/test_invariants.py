@@ -65,18 +65,24 @@ def make_edit(name, sel, m):
                          "value": 0.3}, {"u": _rand(d, seed=6).float()}),
         "gift": ({"op": "attn.gift", "layers": L, "queries": sel, "keys": "1:4", "query_keys": [5, 6], "tensor": "s",
                   "alpha": 1.5, "top": 2}, {"s": torch.tensor([0.0, 1.0, 0.4])}),
+        "vsv": ({"op": "resid.vsv", "layers": L, "positions": sel, "site": "resid_post", "tensor": "w", "lam": 0.4},
+                {"w": _rand(d, seed=8).float()}),
     }
     return edits[name]
 
 
 OP_NAMES = ["scale", "scale_redistribute", "scale_raw", "bias", "distance", "bias_tensor", "local_window", "copy_head",
             "knockout", "head_scale", "ablate_zero", "ablate_mean", "resid_add", "suppress", "patch_resid", "patch_z",
-            "oeb", "smi", "amplify", "project_out", "gift"]
+            "oeb", "smi", "amplify", "project_out", "gift", "vsv"]
+# Ops on the output logits (kind "decode") have no layer site to capture; tests/test_decode_ops.py checks them against
+# closed forms from explicit forwards, with cached generation == recompute and their neutral values.
+DECODE_OPS = {"decode.cfg", "decode.sla"}
 
 
 def test_every_op_is_covered():
     covered = {make_edit(n, "all", _Geom())[0]["op"] for n in OP_NAMES}
-    assert covered == set(interp.ops.OPS)
+    assert covered | DECODE_OPS == set(interp.ops.OPS)
+    assert all(interp.ops.OPS[n].need == "decode" for n in DECODE_OPS)
 
 
 class _Geom:
@@ -175,6 +181,7 @@ NEUTRAL = [
     {"op": "attn.smi", "layers": "all", "queries": "all", "source": "1:3", "scale": 0.0},
     {"op": "attn.amplify", "layers": "all", "keys": "all", "alpha": 0.0},
     {"op": "resid.project_out", "layers": "all", "tensor": "v", "strength": 0.0},
+    {"op": "resid.vsv", "layers": "all", "tensor": "v", "lam": 0.0},
 ]
 
 
@@ -373,6 +380,11 @@ def test_float64_reference(name, sel):
         elif name == "project_out":
             u = tensors["u"] / tensors["u"].norm()
             want = torch.where(rows[:, None], R - 0.7 * (R @ u - 0.3)[:, None] * u, R)
+        elif name == "vsv":  # x' = ‖x‖·n(n(x) + λ·(1 + max(0, cos(x, −v)))·n(v))
+            v = tensors["w"] / tensors["w"].norm()
+            xn = R / R.norm(dim=-1, keepdim=True)
+            y = xn + 0.4 * (1 + (-(xn @ v)).clamp_min(0))[:, None] * v
+            want = torch.where(rows[:, None], R.norm(dim=-1, keepdim=True) * y / y.norm(dim=-1, keepdim=True), R)
     with interp.patch(m, s):
         got = interp.capture(m, b, sites=f"blocks.{l}.{site}")[f"blocks.{l}.{site}"][0]
     assert want is not None
