@@ -8,7 +8,7 @@ demo: setup
 	.venv/bin/interp scan
 
 test: setup
-	.venv/bin/python -m pytest tests
+	.venv/bin/python -m pytest tests --durations=25
 
 bench: setup
 	.venv/bin/python bench/capture.py
