@@ -47,14 +47,20 @@ def attention_maps(model: interp.Model, batch, chunk: int = 128) -> torch.Tensor
     return torch.cat(out)
 
 
-def _items(model, inputs) -> list[vlm.VQAItem]:
+def vqa_items(model: interp.Model, inputs) -> list[vlm.VQAItem]:
+    """The VQA items an image analysis reads: the testbed's default items when ``inputs`` is None, the testbed's
+    (scene, question) pairs, or anything :func:`interp.vlm.as_items` takes."""
     if inputs is None:
         from interp.testbed.items import default_items
         return default_items(model)
     if isinstance(inputs, list) and inputs and isinstance(inputs[0], tuple):  # the testbed's (scene, question) pairs
         from interp.testbed.items import as_vqa_items, testbed_meta
         inputs = as_vqa_items(inputs, testbed_meta(model))
-    items = vlm.as_items(inputs)
+    return vlm.as_items(inputs)
+
+
+def _items(model, inputs) -> list[vlm.VQAItem]:
+    items = vqa_items(model, inputs)
     missing = [k for k, it in enumerate(items) if not it.has_target]
     if missing:
         raise interp.InterpError(f"items {missing[:5]} say nowhere where the answer's object is: localisation needs "

@@ -35,13 +35,8 @@ from viz import static as _static
 
 
 def _items(model, inputs) -> list[vlm.VQAItem]:
-    if inputs is None:
-        from interp.testbed.items import default_items
-        return default_items(model)
-    if isinstance(inputs, list) and inputs and isinstance(inputs[0], tuple):  # the testbed's (scene, question) pairs
-        from interp.testbed.items import as_vqa_items, testbed_meta
-        inputs = as_vqa_items(inputs, testbed_meta(model))
-    return vlm.as_items(inputs)
+    from probes.image_attention import vqa_items
+    return vqa_items(model, inputs)
 
 
 def no_image_spec(model: interp.Model, layers: list[int] | str = "all") -> interp.Spec:
