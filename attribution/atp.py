@@ -20,8 +20,8 @@ AtP* changes two things:
       head) ĉ*(k_s) = Σ_{h∈g} Σ_{t≥s} (softmax(s_t + δ_{ts} e_s) − A_t) · ∂M/∂A_t, δ_{ts} = q_t·(k_s^corr − k_s)·scale,
 
   in closed form (only one logit of each row moves). The plain-AtP value of the same node,
-  Σ_s Δs_{ts} ∂M/∂s_{ts}, is reported beside it. Queries and keys are read (post-RoPE) from the attention
-  call through a read-only engine hook (:class:`QKRecorder`), as there are no capture sites for them.
+  Σ_s Δs_{ts} ∂M/∂s_{ts}, is reported beside it. Queries and keys are the capture sites ``attn.q`` and
+  ``attn.k`` (post-RoPE, keys per key/value head).
 * **GradDrop** (``graddrop=True``): the direct and indirect effects of a node can cancel in ĉ_AtP. For each
   layer ℓ the backward pass is repeated with the gradient through layer ℓ's attention and MLP outputs
   set to 0, giving ĉ_ℓ(n) (= ĉ_AtP(n) for nodes in layers after ℓ; the node's own layer keeps its gradient),
@@ -41,31 +41,6 @@ from probes.dla import answer_positions, token_ids
 from probes.patching import default_pairs, encode_pairs, metric_of
 from viz import interactive as _interactive
 from viz import static as _static
-
-
-class QKRecorder:
-    """A read-only engine hook that keeps each layer's post-RoPE queries [b, h, T, d] and keys [b, kv, T, d] as
-    the attention function receives them (it asks for a logit bias and returns none, so nothing changes)."""
-
-    read_only = True
-
-    def __init__(self) -> None:
-        self.q: dict[int, list[torch.Tensor]] = {}
-        self.k: dict[int, torch.Tensor] = {}
-
-    def needs(self, layer: int) -> set[str]:
-        return {"bias"}
-
-    def keeps_tensors(self, layer: int) -> set[str]:
-        return set()
-
-    def logit_bias(self, layer, call, q, k):
-        self.q.setdefault(layer, []).append(q.detach())
-        self.k[layer] = k.detach()
-        return None
-
-    def queries(self, layer: int) -> torch.Tensor:
-        return torch.cat(self.q[layer], 2)
 
 
 def _scaling(model: interp.Model, layer: int) -> float:
@@ -127,21 +102,12 @@ class AttributionPatching(Analysis):
         pos = torch.tensor(answer_positions(clean))
         rows = torch.arange(n)
         zs = [f"blocks.{l}.attn.z" for l in range(L)]
-        rec_r = QKRecorder()
-        if qk:
-            with model.engine.using(rec_r):
-                tr_r = interp.capture(model, corr, sites=zs + ["logits"])
-        else:
-            tr_r = interp.capture(model, corr, sites=zs + ["logits"])
+        qks = [f"blocks.{l}.attn.{s}" for l in range(L) for s in ("q", "k")] if qk else []
+        tr_r = interp.capture(model, corr, sites=zs + qks + ["logits"])
         outs = [f"blocks.{l}.{s}" for l in range(L) for s in ("attn.out", "mlp.out")] if graddrop else []
         pats = [f"blocks.{l}.attn.pattern" for l in range(L)] if qk else []
-        rec_c = QKRecorder()
         with torch.enable_grad():
-            if qk:
-                with model.engine.using(rec_c):
-                    tr_c = interp.capture(model, clean, sites=zs + outs + pats + ["logits"], grad=True)
-            else:
-                tr_c = interp.capture(model, clean, sites=zs + outs + ["logits"], grad=True)
+            tr_c = interp.capture(model, clean, sites=zs + outs + pats + qks + ["logits"], grad=True)
             lc = tr_c.output.logits[rows, pos]
             lr = tr_r["logits"][rows, pos]
             ans = token_ids(model, answers, n)
@@ -171,7 +137,7 @@ class AttributionPatching(Analysis):
                 gz = torch.stack([grad(name)[:, :T] for name in zs], 1)  # [n, L, T, H, d]
                 est = {"z": (dz * gz).sum(-1)}  # [n, L, T, H]
                 if qk:
-                    est.update(self._qk(model, [(tr_c[p].detach(), grad(p)) for p in pats], rec_c, rec_r, T))
+                    est.update(self._qk(model, [(tr_c[p].detach(), grad(p)) for p in pats], tr_c, tr_r, T))
                 return est
 
             base = backward(retain=graddrop)
@@ -232,18 +198,14 @@ class AttributionPatching(Analysis):
                        metrics, arrays, ["estimates of M(clean with the node corrupted) − M(clean), M = logit difference"])
 
     @staticmethod
-    def _qk(model, pats, rec_c, rec_r, T) -> dict[str, torch.Tensor]:
-        """AtP / AtP* terms of every query and key node from each layer's (clean pattern, ∂M/∂pattern):
-        [n, L, T, h|kv]."""
+    def _qk(model, pats, tr_c, tr_r, T) -> dict[str, torch.Tensor]:
+        """AtP / AtP* terms of every query and key node from each layer's (clean pattern, ∂M/∂pattern) and the
+        clean / corrupted traces' ``attn.q`` / ``attn.k``: [n, L, T, h|kv]."""
         out: dict[str, list] = {"q_atp": [], "q_star": [], "k_atp": [], "k_star": []}
-        rep = model.n_heads // model.n_kv_heads
         for l, (P, G) in enumerate(pats):
-            q_clean, q_corr = rec_c.queries(l), rec_r.queries(l)  # [n, h, T, d]
-            k_clean, k_corr = rec_c.k[l], rec_r.k[l]
-            if k_clean.shape[1] != model.n_kv_heads:  # the eager path hands over keys repeated per query head
-                k_clean = k_clean[:, ::rep]
-            if k_corr.shape[1] != model.n_kv_heads:
-                k_corr = k_corr[:, ::rep]
+            # [n, T, h|kv, d] -> [n, h|kv, T, d]
+            q_clean, q_corr = (tr[f"blocks.{l}.attn.q"].detach().transpose(1, 2) for tr in (tr_c, tr_r))
+            k_clean, k_corr = (tr[f"blocks.{l}.attn.k"].detach().transpose(1, 2) for tr in (tr_c, tr_r))
             per = [_qk_terms(P[i, :, :T, :T], G[i, :, :T, :T], q_clean[i, :, :T], k_clean[i, :, :T], q_corr[i, :, :T],
                              k_corr[i, :, :T], _scaling(model, l), model.n_kv_heads) for i in range(len(P))]
             for k in out:

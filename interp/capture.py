@@ -1,8 +1,13 @@
 """``interp.capture``: run a model once and keep what was asked for, exactly as the model computed it.
 
-Sites (TransformerLens-style names): ``embed``, ``blocks.{l}.resid_pre``, ``blocks.{l}.attn.logits``
-[b,h,q,k], ``blocks.{l}.attn.pattern`` [b,h,q,k], ``blocks.{l}.attn.z`` [b,q,h,d] (per-head output
-before the output projection), ``blocks.{l}.attn.out``, ``blocks.{l}.mlp.in`` (the MLP's input: the
+Sites (TransformerLens-style names): ``embed``, ``blocks.{l}.resid_pre``, ``blocks.{l}.attn.q`` [b,q,h,d]
+and ``blocks.{l}.attn.k`` [b,k,kv,d] (queries and keys as they enter the attention softmax: after the
+projections, their norms where the model has them (Qwen3, Gemma) and RoPE; keys per key/value head, not
+repeated, so query head h of ``attn.q`` and ``attn.pattern`` reads key head h // (n_heads / n_kv_heads):
+attn.pattern[:, h] = softmax(scaling · q[:, :, h] · k[:, :, h // rep]ᵀ + mask), with the attention
+module's ``scaling`` (head_dim^-1/2 unless the model says otherwise) and Gemma's logit soft-cap where it
+has one), ``blocks.{l}.attn.logits`` [b,h,q,k], ``blocks.{l}.attn.pattern`` [b,h,q,k],
+``blocks.{l}.attn.z`` [b,q,h,d] (per-head output before the output projection), ``blocks.{l}.attn.out``, ``blocks.{l}.mlp.in`` (the MLP's input: the
 post-attention norm's output), ``blocks.{l}.mlp.out``,
 ``blocks.{l}.resid_post``, ``final`` (after the final norm), ``logits``. Select them by exact name,
 glob (``blocks.*.attn.pattern``) or a callable on the name.
@@ -35,7 +40,7 @@ from .errors import InterpError
 from .roles import Batch
 from .trace import Trace, split_site
 
-ATTN_KINDS = ("attn.logits", "attn.pattern", "attn.z")
+ATTN_KINDS = ("attn.q", "attn.k", "attn.logits", "attn.pattern", "attn.z")
 RESID_KINDS = ("resid_pre", "attn.out", "mlp.in", "mlp.out", "resid_post")
 GLOBAL_SITES = ("embed", "final", "logits")
 
@@ -317,6 +322,8 @@ class _CaptureHook:
             out.add("weights")
         if "attn.z" in kinds:
             out.add("z")
+        if "attn.q" in kinds or "attn.k" in kinds:
+            out.add("qk")
         return out
 
     def keeps_tensors(self, layer: int) -> set[str]:
@@ -356,6 +363,16 @@ class _CaptureHook:
         ls = self.reducer_layers[i]
         return ls is None or layer in ls
 
+    def on_qk(self, layer, q, k, call):
+        """Queries [b, q, h, d] and keys [b, k, kv, d] of the call (copied without grad: a KV cache may be
+        written in place later; with grad the tensors themselves, which the attention is computed from)."""
+        self.seen.add(layer)
+        kinds = self.by_layer.get(layer, ())
+        if "attn.q" in kinds:
+            self._keep(f"blocks.{layer}.attn.q", q)
+        if "attn.k" in kinds:
+            self._keep(f"blocks.{layer}.attn.k", k)
+
     def on_z(self, layer, z, call, v, weights):
         self.seen.add(layer)
         self._keep(f"blocks.{layer}.attn.z", z)
@@ -368,7 +385,8 @@ def estimate_bytes(model, sites: list[str], batch_size: int, seq_len: int, items
     """Memory the stored tensors of a capture will take."""
     b, T = batch_size, seq_len
     per = {"attn.logits": b * model.n_heads * T * T, "attn.pattern": b * model.n_heads * T * T,
-           "attn.z": b * T * model.n_heads * model.head_dim, "logits": b * T * model.adapter.vocab_size}
+           "attn.z": b * T * model.n_heads * model.head_dim, "attn.q": b * T * model.n_heads * model.head_dim,
+           "attn.k": b * T * model.n_kv_heads * model.head_dim, "logits": b * T * model.adapter.vocab_size}
     return sum(per.get(split_site(n)[1], b * T * model.d_model) for n in sites) * itemsize
 
 

@@ -91,8 +91,12 @@ class AttentionHook(Protocol):
     def accepts_visible_prefix(self, layer: int) -> bool: ...
 
     def needs(self, layer: int) -> set[str]:
-        """Subset of {"bias", "logits", "weights", "z"} this hook touches at ``layer``."""
+        """Subset of {"qk", "bias", "logits", "weights", "z"} this hook touches at ``layer``."""
 
+    def on_qk(self, layer: int, q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> None:
+        """Read the call's queries q [b, q, h, d] and keys k [b, k, kv, d] (post-RoPE, what enters the softmax;
+        keys per key/value head, query head h reading key head h // (h_total / kv)). The attention is computed
+        from views of exactly these tensors, so gradients reach them; a hook must not edit them."""
     def logit_bias(self, layer: int, call: AttnCall, q, k) -> torch.Tensor | None: ...
     def on_logits(self, layer: int, logits: torch.Tensor, call: AttnCall) -> torch.Tensor | None: ...
     def on_weights(self, layer: int, weights: torch.Tensor, call: AttnCall) -> torch.Tensor | None: ...
@@ -237,6 +241,8 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
         return AttnCall(layer, q_abs + q0, q1 - q0, k_len, h, mask, qv, k_start=k_start)
 
     hooks = engine.hooks if engine is not None else []
+    if "qk" in needs:  # from here on attention reads views of the tensors the hooks saw (gradients reach them)
+        query, key = _read_qk(hooks, layer, query, key, call_for(0, q_len, None))
 
     def sdpa(want_lse: bool = False):
         """SDPA with the hooks' logit biases in the float mask, then the hooks' head-output edits. Returns
@@ -405,6 +411,17 @@ def _sum_bias(hooks, layer, call, query, key):
         if shut.any():
             total = torch.where(shut, torch.zeros((), dtype=total.dtype), total)
     return total
+
+
+def _read_qk(hooks, layer, query, key, call):
+    """Hand the hooks that read queries and keys the views q [b, q, h, d] and k [b, k, kv, d] of ``query``
+    [b, h, q, d] and ``key`` [b, kv, k, d]; return views of those same tensors in the attention layout, so that
+    what the attention computes from depends on (and back-propagates to) exactly what the hooks kept."""
+    q, k = query.transpose(1, 2), key.transpose(1, 2)
+    for hk in hooks:
+        if "qk" in hk.needs(layer):
+            hk.on_qk(layer, q, k, call)
+    return q.transpose(1, 2), k.transpose(1, 2)
 
 
 def _apply_z(hooks, layer, out, call, value, weights):

@@ -17,6 +17,8 @@ AXES = {
     "attn.pattern": ("batch", "head", "query", "key"),
     "attn.logits": ("batch", "head", "query", "key"),
     "attn.z": ("batch", "query", "head", "dim"),
+    "attn.q": ("batch", "query", "head", "dim"),
+    "attn.k": ("batch", "key", "kv_head", "dim"),
     "attn.key_mass": ("batch", "head", "key"),
     "attn.key_mean": ("batch", "head", "key"),
     "attn.entropy": ("batch", "head", "query"),

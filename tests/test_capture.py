@@ -78,6 +78,63 @@ def test_z_reassembles_attention_output(tiny):
     assert (out - tr["blocks.1.attn.out"]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])  # Llama: grouped-query (4 query heads on 2 key heads), RoPE
+def test_q_and_k_reproduce_the_pattern(kind):
+    """softmax(q kᵀ / √d + mask) == attn.pattern, with the causal and padding mask built here, query head h reading
+    key head h // (n_heads / n_kv_heads)."""
+    model = interp.load(tiny_hf(kind), name=f"tiny-{kind}")
+    ids = random_ids(11, b=2, seed=3)
+    am = torch.ones_like(ids)
+    am[1, 7:] = 0  # right padding: row 1 has 7 real tokens
+    tr = interp.capture(model, {"input_ids": ids, "attention_mask": am},
+                        sites=["blocks.*.attn.q", "blocks.*.attn.k", "blocks.*.attn.pattern"])
+    H, KV, d, T = model.n_heads, model.n_kv_heads, model.head_dim, 11
+    assert (KV, H) == ((2, 4) if kind == "llama" else (4, 4))
+    visible = torch.ones(T, T, dtype=torch.bool).tril()[None] & am.bool()[:, None, :]  # [b, q, k]
+    real = am.bool()  # padded query rows are not compared (no real query reads them)
+    for l in range(model.n_layers):
+        q, k, A = tr[f"blocks.{l}.attn.q"], tr[f"blocks.{l}.attn.k"], tr[f"blocks.{l}.attn.pattern"]
+        assert q.shape == (2, T, H, d) and k.shape == (2, T, KV, d)
+        for h in range(H):
+            s = torch.einsum("bqd,bkd->bqk", q[:, :, h].double(), k[:, :, h // (H // KV)].double()) / d ** 0.5
+            want = torch.softmax(s.masked_fill(~visible, -torch.inf), -1)
+            got = A[:, h].double()
+            assert (got - want)[real].abs().max() <= 1e-5, (l, h)
+        assert not torch.equal(q[:, :, 0], q[:, :, 1])  # the heads are distinct tensors, not one repeated
+    assert tr.to_frame("blocks.0.attn.k").columns[:4].tolist() == ["batch", "key", "kv_head", "dim"]
+
+
+def test_q_and_k_gradients_are_the_first_order_terms():
+    """∂M/∂q and ∂M/∂k from a grad capture equal d/dα M(q + α δ) at α = 0, with the move made here on GPT-2's
+    fused q/k/v projection output (GPT-2 has no RoPE: attn.q and attn.k are slices of that output)."""
+    model = interp.load(tiny_hf("gpt2"), name="tiny-gpt2")
+    ids = random_ids(8, seed=5)
+    layer, hd, D = 1, model.head_dim, model.d_model
+    with torch.enable_grad():
+        tr = interp.capture(model, {"input_ids": ids}, sites=[f"blocks.{layer}.attn.q", f"blocks.{layer}.attn.k"],
+                            grad=True)
+        tr.output.logits[0, -1, 9].backward()
+    gq, gk = tr.grad(f"blocks.{layer}.attn.q"), tr.grad(f"blocks.{layer}.attn.k")  # [1, T, h, d]
+    c_attn = model.adapter.attn[layer].c_attn
+    delta = torch.randn(hd, generator=torch.Generator().manual_seed(0))
+    for which, grad, off in (("q", gq, 0), ("k", gk, D)):
+        for t, h in ((2, 1), (5, 3)):
+            alpha = torch.zeros((), requires_grad=True)
+
+            def move(m, a, o, t=t, sl=slice(off + h * hd, off + (h + 1) * hd)):
+                o = o.clone()
+                o[:, t, sl] = o[:, t, sl] + alpha * delta
+                return o
+            hd_ = c_attn.register_forward_hook(move)
+            try:
+                (want,) = torch.autograd.grad(model.hf(input_ids=ids).logits[0, -1, 9], alpha)
+            finally:
+                hd_.remove()
+            got = float((grad[0, t, h] * delta).sum())
+            assert got == pytest.approx(float(want), rel=1e-4, abs=1e-6), (which, t, h)
+            assert abs(got) > 1e-6
+
+
 def test_reducers_equal_statistics_of_full_patterns_with_padding(smol):
     prompts = ["The capital of France is", "Water boils at one hundred degrees Celsius at sea level."]
     batch = smol.encode(prompts, roles={"subject": [1, 2]})
