@@ -29,56 +29,33 @@ downstream node the ablated values only, the same as ablating every node. The fa
 
     F(k) = (M(top-k edges) − M(∅)) / (M(clean) − M(∅))     (1 for the full graph, 0 for the empty one)
 
-``to_spec`` exports a node-level version (the ops have no per-edge residual inputs): the heads and MLPs that the
-circuit's edges touch are kept, every other head is mean-ablated (``attn.head_ablate`` mode "mean") and every
-other MLP's output replaced by its mean (``patch`` at ``mlp.out``); the embedding is kept. Its means are over
-every token of the reference prompts (not per position), so the spec replays on prompts of any length.
+``to_spec`` exports the circuit as a spec that keeps only it (default ``level="edges"``): one ``circuit.edges``
+edit (interp.edges, the mechanism the curve above is computed with), which feeds every downstream node
+x_d^run − Σ_{u→d ∉ circuit} (a_u^run − ã_u) with ã from its sidecar: each node's mean output per position over the
+reference prompts, positions past them taking its mean over every reference token. Replayed on the clean prompts it
+gives F(k) exactly. ``level="nodes"`` keeps the heads and MLPs that the circuit's edges touch instead: every other
+head is mean-ablated (``attn.head_ablate`` mode "mean") and every other MLP's output replaced by its mean (``patch``
+at ``mlp.out``), the embedding kept, means over every token of the reference prompts (not per position).
 Pre-norm models whose blocks add their sublayer outputs to the stream (Llama-like, GPT-2); not Gemma (sublayer
 outputs are normalised before the add) and not masked-diffusion models.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import pandas as pd
 import torch
 
 import interp
 from interp.analysis import Analysis
+from interp.edges import EdgeGraph
 from interp.finding import Finding, digest
 from probes.dla import answer_positions, out_proj, token_ids
 from probes.patching import default_pairs, encode_pairs, metric_of
 
 
 # ------------------------------------------------------------------------------------------ graph layout
-class Graph:
-    """Node indices: upstream 0 = embed, then per layer its heads then its MLP; downstream per layer its heads
-    then its MLP, then the logits. ``valid[u, d]``: u is computed before d reads the stream."""
-
-    def __init__(self, L: int, H: int):
-        self.L, self.H = L, H
-        self.up = ["embed"] + [f"a{l}.h{h}" if h < H else f"m{l}" for l in range(L) for h in range(H + 1)]
-        self.down = [f"a{l}.h{h}" if h < H else f"m{l}" for l in range(L) for h in range(H + 1)] + ["logits"]
-        # order along the forward: embed −1, head of layer l 2l, MLP of layer l 2l + 1, logits 2L
-        up_t = torch.tensor([-1] + [2 * l + (h == H) for l in range(L) for h in range(H + 1)])
-        down_t = torch.tensor([2 * l + (h == H) for l in range(L) for h in range(H + 1)] + [2 * L])
-        self.valid = up_t[:, None] < down_t[None, :]
-
-    def head_up(self, l: int, h: int) -> int:
-        return 1 + l * (self.H + 1) + h
-
-    def mlp_up(self, l: int) -> int:
-        return 1 + l * (self.H + 1) + self.H
-
-    def head_down(self, l: int, h: int) -> int:
-        return l * (self.H + 1) + h
-
-    def mlp_down(self, l: int) -> int:
-        return l * (self.H + 1) + self.H
-
-    @property
-    def logits_down(self) -> int:
-        return self.L * (self.H + 1)
+Graph = EdgeGraph  # node indices and edges (interp.edges): the op circuit.edges uses the same layout
 
 
 def _check_model(model: interp.Model) -> None:
@@ -158,123 +135,25 @@ def edge_scores(model: interp.Model, clean, corr, ans: torch.Tensor, fl: torch.T
 
 
 # ------------------------------------------------------------------------------------------ exact evaluation
-class _EdgeRun:
-    """Forward hooks that feed every downstream node x_d^run − Σ_{u→d missing} (a_u^run − ã_u)."""
-
-    def __init__(self, model: interp.Model, g: Graph, keep: torch.Tensor, ablated: torch.Tensor, T: int):
-        self.model, self.g, self.T = model, g, T
-        self.miss = (g.valid & ~keep).double()  # [U, D]
-        self.ablated = ablated  # [n|1, U, T, d]
-        self.acts: dict[int, torch.Tensor] = {}  # upstream node -> its output in this run [n, T, d]
-        self.WO = [out_proj(model, l)[0].double() for l in range(model.n_layers)]
-        self.inner = False
-
-    def delta(self, d: int, like: torch.Tensor) -> torch.Tensor | None:
-        """Σ_{u→d missing} (a_u^run − ã_u), [n, T, d] in ``like``'s dtype, or None when no edge into d is missing."""
-        us = [u for u in self.acts if self.miss[u, d] > 0]
-        if not us:
-            return None
-        a = torch.stack([self.acts[u] for u in us], 1)
-        abl = self.ablated[:, us]
-        out = (a - abl).sum(1)
-        full = torch.zeros(like.shape, dtype=torch.float64)
-        full[:, :self.T] = out
-        return full.to(like.dtype)
-
-    def hooks(self) -> list:
-        m, ad, g, H = self.model, self.model.adapter, self.g, self.model.n_heads
-        hs = []
-
-        def embed(mod, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            self.acts[0] = x[:, :self.T].double()
-        hs.append(ad.layers[0].register_forward_pre_hook(embed, with_kwargs=True))
-        for l in range(m.n_layers):
-            hs.append(ad.attn_norm[l].register_forward_pre_hook(lambda mod, args, l=l: self._keep_x(l, args[0])))
-            hs.append(ad.attn[l].register_forward_hook(lambda mod, a, k, out, l=l: self._attn(l, mod, a, k, out),
-                                                       with_kwargs=True))
-            proj = ad.attn[l].o_proj if hasattr(ad.attn[l], "o_proj") else ad.attn[l].c_proj
-            hs.append(proj.register_forward_pre_hook(lambda mod, args, l=l: self._z(l, args[0])))
-            hs.append(ad.mlp_norm[l].register_forward_pre_hook(
-                lambda mod, args, l=l: self._shift(args, g.mlp_down(l))))
-            hs.append(ad.mlp[l].register_forward_hook(
-                lambda mod, a, out, l=l: self.acts.__setitem__(g.mlp_up(l), _t(out)[:, :self.T].double())))
-        hs.append(ad.final_norm.register_forward_pre_hook(lambda mod, args: self._shift(args, g.logits_down)))
-        return hs
-
-    def _shift(self, args, d):
-        if self.inner:
-            return None
-        dx = self.delta(d, args[0])
-        return None if dx is None else (args[0] - dx,) + tuple(args[1:])
-
-    def _keep_x(self, l, x):
-        if not self.inner:
-            self._x = x
-
-    def _z(self, l, z):
-        if self.inner:
-            self._zin = z
-            return None
-        zz = z[:, :self.T].double().unflatten(-1, (self.model.n_heads, -1))
-        for h in range(self.model.n_heads):
-            self.acts[self.g.head_up(l, h)] = zz[:, :, h] @ self.WO[l][h]
-        return None
-
-    def _attn(self, l, mod, args, kwargs, out):
-        """Rerun layer l's attention once per head whose input differs, and keep head h's z from run h."""
-        if self.inner:
-            return None
-        g, H, x = self.g, self.model.n_heads, self._x
-        deltas = [self.delta(g.head_down(l, h), x) for h in range(H)]
-        if all(d is None for d in deltas):
-            return None
-        n = x.shape[0]
-        X = torch.cat([x if d is None else x - d for d in deltas], 0)  # [H·n, T, d]
-        kw = {k: _rep(v, n, H) for k, v in kwargs.items() if k != "hidden_states"}
-        norm = self.model.adapter.attn_norm[l]
-        self.inner = True
-        try:
-            if args:
-                mod(norm(X), *(_rep(a, n, H) for a in args[1:]), **kw)
-            else:
-                mod(hidden_states=norm(X), **kw)
-        finally:
-            self.inner = False
-        zin = self._zin.unflatten(-1, (H, -1))  # [H·n, T, H, hd]
-        z = torch.stack([zin[h * n:(h + 1) * n, :, h] for h in range(H)], 2).flatten(2)
-        proj = mod.o_proj if hasattr(mod, "o_proj") else mod.c_proj
-        o = proj(z)
-        if hasattr(mod, "resid_dropout"):
-            o = mod.resid_dropout(o)
-        return (o,) + tuple(out[1:]) if isinstance(out, tuple) else o
-
-
-def _t(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _rep(v: Any, n: int, k: int) -> Any:
-    """Repeat batch-first tensors (and tuples of them) k times along the batch."""
-    if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n and n > 0:
-        return v.repeat(k, *([1] * (v.dim() - 1)))
-    if isinstance(v, tuple):
-        return tuple(_rep(x, n, k) for x in v)
-    return v
+def edge_spec(model: interp.Model, keep: torch.Tensor, ablated: torch.Tensor, g: Graph, *,
+              analysis: str = "attribution.eap", params: dict | None = None, prompts: str = "") -> interp.Spec:
+    """The spec that keeps only the edges ``keep`` [U, D] (bool): one ``circuit.edges`` edit, every downstream node
+    reading x_d^run − Σ_{u→d missing} (a_u^run − ã_u) with ã = ``ablated`` ([1|n, U, P, d]; a single row is stored
+    as [U, P, d] and replays on any prompt, later positions taking row P − 1)."""
+    keep = keep.bool() & g.valid
+    pairs = "all" if bool((keep == g.valid).all()) else g.pairs(keep)
+    tensor = ablated[0] if ablated.shape[0] == 1 else ablated
+    return interp.Spec.for_model(model, [interp.ops.circuit_edges(pairs, tensor.float())], analysis=analysis,
+                                 params=params, prompts=prompts)
 
 
 @torch.no_grad()
 def circuit_metric(model: interp.Model, batch, keep: torch.Tensor, ablated: torch.Tensor, g: Graph, T: int,
                    pos: torch.Tensor, ans: torch.Tensor, fl: torch.Tensor) -> torch.Tensor:
     """The metric per pair with only the edges ``keep`` [U, D] (bool) carrying their run's values, every other
-    edge carrying ``ablated`` (exact: one forward, each head fed its own input)."""
-    run = _EdgeRun(model, g, keep, ablated, T)
-    hs = run.hooks()
-    try:
-        logits = model.hf(**batch.model_inputs(), use_cache=False).logits
-    finally:
-        for h in hs:
-            h.remove()
+    edge carrying ``ablated`` (exact: one forward under the ``circuit.edges`` spec of :func:`edge_spec`, each
+    head fed its own input)."""
+    logits = model.logits(batch, edge_spec(model, keep, ablated, g))
     rows = torch.arange(len(ans))
     return metric_of(logits[rows, pos], "logit_diff", ans, fl)
 
@@ -295,6 +174,12 @@ def mean_outputs(model: interp.Model, reference, T: int) -> torch.Tensor:
     per = (A[:, :, :Tm] * w[:, :, :Tm]).sum(0) / cnt.clamp_min(1)
     out[:, :Tm] = torch.where(cnt > 0, per, out[:, :Tm])
     return out[None]
+
+
+def reference_means(model: interp.Model, reference) -> torch.Tensor:
+    """ã for ``ablation="mean"`` as the spec stores it: :func:`mean_outputs` at every position of the reference
+    prompts plus one row, the mean over every real token, which positions past them take: [1, U, T_ref + 1, d]."""
+    return mean_outputs(model, reference, model.encode(reference).input_ids.shape[1] + 1)
 
 
 # ------------------------------------------------------------------------------------------ the analysis
@@ -341,7 +226,7 @@ class EdgeAttributionPatching(Analysis):
             ref = reference if reference is not None else {
                 "input_ids": torch.cat([clean.input_ids[:, :T], corr.input_ids[:, :T]]),
                 "attention_mask": torch.cat([clean.attention_mask[:, :T], corr.attention_mask[:, :T]])}
-            ablated = mean_outputs(model, ref, T)
+            ablated = reference_means(model, ref)
         else:
             ablated = node_outputs(model, corr, T)
         n_edges = int(g.valid.sum())
@@ -358,11 +243,10 @@ class EdgeAttributionPatching(Analysis):
             curve.append(float(mk.mean()))
         m_empty, m_full = curve[0], curve[-1]
         faith = [(c - m_empty) / (m_full - m_empty) if abs(m_full - m_empty) > 1e-12 else float("nan") for c in curve]
-        up, down = torch.nonzero(g.valid, as_tuple=True)
+        up, down = order // S.shape[1], order % S.shape[1]  # the table in the curve's order: head(k) is its circuit
         table = pd.DataFrame({"source": [g.up[int(u)] for u in up], "target": [g.down[int(d)] for d in down],
                               "score": S[up, down].numpy()})
         table["abs_score"] = table.score.abs()
-        table = table.sort_values("abs_score", ascending=False).reset_index(drop=True)
         table["rank"] = range(len(table))
         k80 = next((k for k, f in zip(grid, faith) if f >= 0.8), None)
         metrics = {"n_pairs": n, "n_tokens": T, "n_edges": n_edges, "n_nodes": len(g.up) + len(g.down) - 1,
@@ -371,7 +255,8 @@ class EdgeAttributionPatching(Analysis):
                    "edges_for_80pct": k80, "top_edge": f"{table.source[0]} → {table.target[0]}",
                    "top_score": float(table.score[0])}
         tokens = clean.tokens[0][:T]
-        params = {"ablation": ablation, "clean_ids": clean.input_ids[:, :T].tolist(),
+        params = {"ablation": ablation, "reference": "pairs" if reference is None else "given",
+                  "clean_ids": clean.input_ids[:, :T].tolist(),
                   "corrupted_ids": corr.input_ids[:, :T].tolist(), "answers": ans.tolist(), "foils": fl.tolist(),
                   "tokens": tokens, "ks": grid}
         arrays = {"scores": S.float(), "valid": g.valid.float(), "ablated_mean": ablated.mean((0, 2)).float()}
@@ -387,23 +272,38 @@ class EdgeAttributionPatching(Analysis):
         nodes = sorted(set(t.source) | set(t.target))
         return {"nodes": nodes, "edges": [(r.source, r.target, float(r.score)) for r in t.itertuples()]}
 
-    def to_spec(self, finding: Finding, model: interp.Model, *, k: int | None = None, reference=None,
-                length: int = 128) -> interp.Spec:
-        """Node-level spec of the top-k circuit (default k: the smallest grid point with faithfulness ≥ 0.8):
-        heads and MLPs on a kept edge are kept, every other head is mean-ablated and every other MLP's output is
-        replaced by its mean over ``reference`` (default: the finding's clean and corrupted prompts); the
-        embedding is kept. ``length``: positions covered by the MLP means (the longest prompt it replays on)."""
+    def to_spec(self, finding: Finding, model: interp.Model, *, k: int | None = None, level: str = "edges",
+                reference=None, length: int = 128) -> interp.Spec:
+        """The spec that keeps only the top-k circuit (default k: the smallest grid point with faithfulness ≥ 0.8).
+
+        ``level="edges"`` (default): one ``circuit.edges`` edit; every downstream node (each head's input, each
+        MLP's input, the logits) reads x_d = x_d^run − Σ_{u→d ∉ circuit} (a_u^run − ã_u), with the finding's own
+        ã: for ``ablation="mean"`` each node's mean output per position over ``reference`` (default: the finding's
+        clean and corrupted prompts), positions past the reference taking its mean over every token; for
+        ``"corrupted"`` the corrupted run's outputs (the spec then replays on the finding's pairs only). Replayed
+        on the clean prompts it gives the finding's curve at k exactly.
+
+        ``level="nodes"``: heads and MLPs on a kept edge are kept, every other head is mean-ablated and every other
+        MLP's output is replaced by its mean over ``reference`` (means over every token); the embedding is kept.
+        ``length``: positions covered by the MLP means (the longest prompt it replays on)."""
         m = finding.metrics
         if k is None:
             k = m.get("edges_for_80pct") or m["n_edges"]
-        if not isinstance(k, int) or not 0 <= k <= m["n_edges"]:
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= m["n_edges"]:
             raise interp.InterpError(f"k={k!r}: give a number of edges in 0..{m['n_edges']}")
+        if level not in ("edges", "nodes"):
+            raise interp.InterpError(f"level={level!r}: use 'edges' (keep the circuit's edges) or 'nodes' (keep the "
+                                     "heads and MLPs its edges touch)")
         L, H = model.n_layers, model.n_heads
-        if [L, H] != [finding.model.get("n_layers"), finding.model.get("n_heads")]:
-            raise interp.InterpError("this EAP finding was computed on another model")
+        fp = finding.model.get("fingerprint")
+        if [L, H] != [finding.model.get("n_layers"), finding.model.get("n_heads")] or (fp and fp != model.fingerprint):
+            raise interp.InterpError(f"this EAP finding was computed on {finding.model.get('name')}, not {model.name}: "
+                                     "its circuit names that model's heads")
         c = self.circuit(finding, k)
-        kept = set(c["nodes"])
         p = finding.params
+        if level == "edges":
+            return self._edge_spec(finding, model, k, c, reference)
+        kept = set(c["nodes"])
         if reference is None:
             reference = {"input_ids": torch.tensor(p["clean_ids"] + p["corrupted_ids"])}
         edits: list = []
@@ -421,10 +321,40 @@ class EdgeAttributionPatching(Analysis):
                 mu = (tr[f"blocks.{l}.mlp.out"].double() * w).sum((0, 1)) / w.sum()
                 edits.append(interp.ops.patch_site([l], "mlp.out", mu.float()[None, None].expand(1, length, -1).clone()))
         return interp.Spec.for_model(model, edits, analysis=self.name, prompts=finding.prompts,
-                                     params={"k": k, "keeps": "nodes: heads and MLPs on a kept edge, the embedding; "
+                                     params={"k": k, "level": "nodes",
+                                             "keeps": "nodes: heads and MLPs on a kept edge, the embedding; "
                                              "other heads mean-ablated, other MLP outputs replaced by their mean",
                                              "n_heads_kept": sum(H - len(v) for v in heads_off.values()),
                                              "n_mlps_kept": L - len(mlps)})
+
+    def _edge_spec(self, finding: Finding, model: interp.Model, k: int, c: dict, reference) -> interp.Spec:
+        p, m = finding.params, finding.metrics
+        g = Graph(model.n_layers, model.n_heads)
+        keep = torch.zeros_like(g.valid)
+        for src, dst, _ in c["edges"]:
+            keep[g.up_index[src], g.down_index[dst]] = True
+        if p["ablation"] == "mean":
+            if reference is None:
+                if p.get("reference", "pairs") != "pairs":
+                    raise interp.InterpError("this finding's means came from a reference= set: pass the same "
+                                             "reference= to to_spec")
+                reference = {"input_ids": torch.tensor(p["clean_ids"] + p["corrupted_ids"])}
+            ablated = reference_means(model, reference)
+            how = "each node's mean output per position over the reference prompts (later positions: its mean over every token)"
+        else:
+            if reference is not None:
+                raise interp.InterpError("ablation='corrupted': the ablated values are the corrupted run's; "
+                                         "reference= applies to mean ablation")
+            ids = torch.tensor(p["corrupted_ids"])
+            ablated = node_outputs(model, model.encode({"input_ids": ids}), ids.shape[1])
+            how = "each node's output on the corrupted prompts (replays on the finding's pairs)"
+        faith = dict(zip(m["ks"], m["faithfulness"]))
+        params = {"k": k, "level": "edges", "n_edges": m["n_edges"],
+                  "keeps": "edges: each head's, MLP's and the logits' input keeps the circuit's sources; every "
+                           f"other source's output is replaced by its ablated value ({how})",
+                  "ablation": p["ablation"], "metric": "logit_diff",
+                  "faithfulness": faith.get(k)}
+        return edge_spec(model, keep, ablated, g, analysis=self.name, params=params, prompts=finding.prompts)
 
     def explain(self, finding: Finding) -> str:
         m = finding.metrics

@@ -41,6 +41,7 @@ class Adapter:
     extra: dict = field(default_factory=dict)
     attn_norm: list = field(default_factory=list)  # the norm each block applies before attention (pre-norm models)
     mlp_norm: list = field(default_factory=list)  # the norm each block applies before its MLP
+    attn_out: list = field(default_factory=list)  # each attention's output projection (its input: the heads' z)
 
     def final_norm_apply(self, h: torch.Tensor) -> torch.Tensor:
         return self.final_norm(h)
@@ -77,6 +78,7 @@ def _llama_like(model: nn.Module, family: str) -> Adapter:
         causal=getattr(cfg, "is_causal", True) is not False,
         attn_norm=[getattr(layer, "input_layernorm", None) for layer in layers],
         mlp_norm=[getattr(layer, "post_attention_layernorm", None) for layer in layers],
+        attn_out=[getattr(layer.self_attn, "o_proj", None) for layer in layers],
     )
 
 
@@ -102,6 +104,7 @@ def _gpt2(model: nn.Module, family: str) -> Adapter:
         max_positions=cfg.n_positions,
         attn_norm=[b.ln_1 for b in layers],
         mlp_norm=[b.ln_2 for b in layers],
+        attn_out=[b.attn.c_proj for b in layers],
     )
 
 

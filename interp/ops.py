@@ -2,10 +2,11 @@
 
 Each op class holds its schema (fields, with kinds and value ranges; the shapes and ranges of its sidecar
 tensors), what it needs from the attention engine (``bias`` — an additive logit bias, which runs under SDPA —,
-``logits``, ``weights``, ``z`` — per-head outputs before the output projection — or ``resid`` — a forward hook
-on a residual site), its neutral value (an edit at it is skipped, so the model computes bit for bit what it
-computed before) and how it applies. :class:`interp.spec.Spec` validates edits with these classes and
-:func:`interp.patch` applies them; the math of each op is in :mod:`interp.patch` (METHODS.md §0, P1–P6).
+``logits``, ``weights``, ``z`` — per-head outputs before the output projection —, ``resid`` — a forward hook
+on a residual site —, ``decode`` — the output logits — or ``graph`` — hooks on every node of the model), its
+neutral value (an edit at it is skipped, so the model computes bit for bit what it computed before) and how it
+applies. :class:`interp.spec.Spec` validates edits with these classes and :func:`interp.patch` applies them;
+the math of each op is in :mod:`interp.patch` (METHODS.md §0, P1–P6).
 
 Builders return an :class:`Edit` (a dict with the tensors it refers to; fields left out take the op's default,
 as in a hand-written edit), composable into a Spec::
@@ -66,6 +67,7 @@ class Field:
             "layers": lambda: v == "all" or _is_ints(v),
             "heads": lambda: v == "all" or _is_ints(v),
             "distance": lambda: _is_distance(v),
+            "edges": lambda: v == "all" or isinstance(v, list),
         }[k]()
 
     def want(self, tensors: dict) -> str:
@@ -80,7 +82,8 @@ class Field:
                 "layers": "'all' or a list of ints ≥ 0", "heads": "'all' or a list of ints ≥ 0",
                 "ints": "a list of ints ≥ 0", "bool": "true or false", "str": "a string",
                 "distance": f"{{'fn': one of {DISTANCE_FNS}, 'scale': a number in [-{MAX_GAIN:g}, {MAX_GAIN:g}], "
-                            f"'d0': a number in (0, {MAX_BIAS:g}]}}"}[k]
+                            f"'d0': a number in (0, {MAX_BIAS:g}]}}",
+                "edges": "'all' or a list of [source, target] node-name pairs"}[k]
 
 
 def _num(lo=None, hi=None, required=False, integer=False) -> Field:
@@ -940,7 +943,46 @@ class VSV(Op):
         return torch.where(sel[..., None], new, h)
 
 
-OPS.update({op.name: op for op in (CFG(), SLA(), VSV())})
+class CircuitEdges(Op):
+    name = "circuit.edges"
+    fields = {"keep": Field("edges", True), "tensor": Field("tensor", True)}
+    need, on_heads, tensor_ranks = "graph", False, (3, 4)
+
+    def neutral(self, e):
+        return e["keep"] == "all"
+
+    def validate(self, e, path, tensors):
+        from .edges import check_names
+        if e["layers"] != "all":
+            raise InterpError(f"spec.{path}.layers: circuit.edges spans the whole model's graph: give 'all'")
+        if "steps" in e:
+            raise InterpError(f"spec.{path}.steps: circuit.edges has no denoising steps (causal LMs only)")
+        check_names(e["keep"], f"spec.{path}.keep")
+        super().validate(e, path, tensors)
+
+    def check(self, e, path, model, tensors):
+        from .edges import EdgeGraph, check_model
+        check_model(model)
+        EdgeGraph(model.n_layers, model.n_heads).keep_mask(e["keep"], f"spec.{path}.keep")
+        super().check(e, path, model, tensors)
+
+    def shapes(self, e, model):
+        U = 1 + model.n_layers * (model.n_heads + 1)
+        return [(U, None, model.d_model), ("1|b", U, None, model.d_model)]
+
+    def shape_help(self):
+        return ("[sources, positions, d_model] (each source's ablated output per position; later positions take the "
+                "last row) or [b|1, sources, positions, d_model] (one per sequence), sources = 1 + L·(H + 1)")
+
+    def hooks(self, hook, e: dict, owner: int) -> list:
+        """x_d = x_d^run − Σ_{u→d ∉ keep} (a_u^run − ã_u) at every downstream node d (:mod:`interp.edges`)."""
+        from .edges import EdgeAblation, EdgeGraph
+        m = hook.model
+        keep = EdgeGraph(m.n_layers, m.n_heads).keep_mask(e["keep"])
+        return EdgeAblation(m, keep, hook.spec.tensors[e["tensor"]], owner).hooks()
+
+
+OPS.update({op.name: op for op in (CFG(), SLA(), VSV(), CircuitEdges())})
 
 
 def cfg(gamma: float = 1.1, *, layers: Layers = "all", keys: Selector | None = None, cutoff: float | None = None) -> Edit:
@@ -952,6 +994,15 @@ def cfg(gamma: float = 1.1, *, layers: Layers = "all", keys: Selector | None = N
 def sla(layers: Layers, alpha: float = 0.3) -> Edit:
     """decode.sla (VISTA): z' = (1−α) z^L + α mean_{l∈layers} z^l (logit lens of each layer's resid_post)."""
     return _edit("decode.sla", layers, None, alpha=alpha)
+
+
+def circuit_edges(keep: str | Sequence[Sequence[str]], tensor: torch.Tensor | str) -> Edit:
+    """circuit.edges: every downstream node d (each head's input, each MLP's input, the logits) reads
+    x_d = x_d^run − Σ_{u→d ∉ keep} (a_u^run − ã_u); ``keep``: "all" or [source, target] pairs of node names
+    (embed, a{l}.h{h}, m{l} → a{l}.h{h}, m{l}, logits); ``tensor``: ã [sources, positions, d_model]
+    (Syed et al. 2023, edge attribution patching; docs/methods.md §18)."""
+    return _edit("circuit.edges", "all", None, keep=keep if keep == "all" else [[str(a), str(b)] for a, b in keep],
+                 tensor=tensor)
 
 
 def vsv(layers: Layers, tensor: torch.Tensor | str, lam: float = 0.17, *, positions: Selector | None = None,

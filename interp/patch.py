@@ -25,6 +25,9 @@ A = softmax(z), O = per-head output before the output projection, h = residual s
   z'_k = z_k + log(τ_B/p(B)) on B, z_k + log(τ_S/p(S)) on S, O unchanged, so p'(B) = τ_B and p'(O) = p(O)
   (P1 on the logits, eager). Counts and masses use visible keys only; generated tokens belong to S.
 * ``attn.smi``            Step-Saliency SMI: O'^{h}[t] = O^{h}[t] + s · mean_{j∈source} V^{h}[j] (P5 on z).
+* ``circuit.edges``       edge ablation (EAP circuits, METHODS §18): every downstream node d (a head's input, an
+  MLP's input, the logits) reads x_d = x_d^run − Σ_{u→d ∉ keep} (a_u^run − ã_u), ã from the sidecar
+  (:mod:`interp.edges`; whole sequences: a forward that continues a KV cache is refused).
 
 Each op is one class in :mod:`interp.ops` (schema, engine need, neutral value, application); this module
 compiles a Spec into engine hooks and forward hooks and dispatches to those classes. Edits at their identity
@@ -68,12 +71,16 @@ class _SpecHook:
         n_layers, n_heads = model.n_layers, model.n_heads
         self.by_layer: dict[int, list[tuple[dict, str, int]]] = {}
         self.decode: list[dict] = []
+        self.graph: list[dict] = []
         for e in spec.edits:
             op = OPS[e["op"]]
             if op.neutral(e):  # an identity edit is not run: the model computes exactly what it computed before
                 continue
             if op.kind(e) == "decode":  # on the output logits (see _Decoder), not at a layer
                 self.decode.append(e)
+                continue
+            if op.kind(e) == "graph":  # hooks on every node of the model (circuit.edges), not at a layer
+                self.graph.append(e)
                 continue
             layers = list(range(n_layers)) if e["layers"] == "all" else e["layers"]
             for j, l in enumerate(layers):
@@ -196,6 +203,8 @@ class _SpecHook:
                 site = OPS[e["op"]].site(e)
                 fn = self._edit_fn(e, j, l)
                 handles.append(_site_hook(self.model, l, site, fn, owner))
+        for e in self.graph:
+            handles += OPS[e["op"]].hooks(self, e, owner)
         if self.decode:
             self.decoder = _Decoder(self, owner)
             handles += self.decoder.handles

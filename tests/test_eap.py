@@ -197,7 +197,7 @@ def test_one_missing_edge_is_the_closed_form(setup):
 def test_node_spec_keeps_the_circuit_nodes(setup):
     """k = 0: every head mean-ablated and every MLP at its mean (the embedding kept) — by hand with hooks."""
     model, clean, corrupt, f = setup
-    spec = f.to_spec(model=model, k=0)
+    spec = f.to_spec(model=model, k=0, level="nodes")
     assert spec.provenance["params"]["n_heads_kept"] == 0 and spec.provenance["params"]["n_mlps_kept"] == 0
     ops = sorted(e["op"] for e in spec.edits)
     assert ops == ["attn.head_ablate"] * 3 + ["patch"] * 3

@@ -77,12 +77,17 @@ OP_NAMES = ["scale", "scale_redistribute", "scale_raw", "bias", "distance", "bia
 # Ops on the output logits (kind "decode") have no layer site to capture; tests/test_decode_ops.py checks them against
 # closed forms from explicit forwards, with cached generation == recompute and their neutral values.
 DECODE_OPS = {"decode.cfg", "decode.sla"}
+# Ops on the whole graph (kind "graph": no token selector, no KV cache): tests/test_eap_edges.py checks circuit.edges
+# against hooks written there (all edges kept: bit-identical; none: every node mean-ablated; one edge removed); its
+# neutral value is checked below.
+GRAPH_OPS = {"circuit.edges"}
 
 
 def test_every_op_is_covered():
     covered = {make_edit(n, "all", _Geom())[0]["op"] for n in OP_NAMES}
-    assert covered | DECODE_OPS == set(interp.ops.OPS)
+    assert covered | DECODE_OPS | GRAPH_OPS == set(interp.ops.OPS)
     assert all(interp.ops.OPS[n].need == "decode" for n in DECODE_OPS)
+    assert all(interp.ops.OPS[n].need == "graph" for n in GRAPH_OPS)
 
 
 class _Geom:
@@ -204,6 +209,24 @@ def test_neutral_values_are_bit_identical_noops(kind):
     with m.engine.using(ForceEager()):
         eager = m.logits(b)
         assert torch.equal(m.logits(b, oeb), eager)
+    if kind != "gemma3":  # circuit.edges: every edge kept ('all', neutral; or listed, so the op runs); Gemma is refused
+        U = 1 + m.n_layers * (m.n_heads + 1)
+        means = {"mu": _rand(U, 3, m.d_model, seed=9).float()}
+        every = [[u, d] for u in ["embed"] + [f"a{l}.h{h}" if h < m.n_heads else f"m{l}" for l in range(m.n_layers)
+                                              for h in range(m.n_heads + 1)]
+                 for d in [f"a{l}.h{h}" if h < m.n_heads else f"m{l}" for l in range(m.n_layers)
+                           for h in range(m.n_heads + 1)] + ["logits"]
+                 if _before(u, d)]
+        for keep in ("all", every):
+            e = {"op": "circuit.edges", "layers": "all", "keep": keep, "tensor": "mu"}
+            assert torch.equal(m.logits(b, Spec.for_model(m, [e], tensors=means)), base)
+
+
+def _before(u: str, d: str) -> bool:
+    """u is computed before d reads the residual stream: embed first; layer l's heads, then its MLP; logits last."""
+    def t(n):
+        return -1 if n == "embed" else 10**6 if n == "logits" else 2 * int(n[1:].split(".")[0]) + n.startswith("m")
+    return t(u) < t(d)
 
 
 # ------------------------------------------------------------------ padded batch == each prompt alone
