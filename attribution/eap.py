@@ -50,7 +50,7 @@ import interp
 from interp.analysis import Analysis
 from interp.edges import EdgeGraph
 from interp.finding import Finding, digest
-from probes.dla import answer_positions, out_proj, token_ids
+from probes.dla import answer_positions, token_ids
 from probes.patching import default_pairs, encode_pairs, metric_of
 
 
@@ -81,7 +81,7 @@ def node_outputs(model: interp.Model, batch, T: int) -> torch.Tensor:
     tr = interp.capture(model, batch, sites=sites)
     outs = [tr["blocks.0.resid_pre"][:, :T].double()[:, None]]
     for l in range(L):
-        WO, _ = out_proj(model, l)
+        WO, _ = model.adapter.out_proj(l)
         outs.append(torch.einsum("nthe,hed->nhtd", tr[f"blocks.{l}.attn.z"][:, :T].double(), WO.double()))
         outs.append(tr[f"blocks.{l}.mlp.out"][:, :T].double()[:, None])
     return torch.cat(outs, 1)

@@ -42,9 +42,39 @@ class Adapter:
     attn_norm: list = field(default_factory=list)  # the norm each block applies before attention (pre-norm models)
     mlp_norm: list = field(default_factory=list)  # the norm each block applies before its MLP
     attn_out: list = field(default_factory=list)  # each attention's output projection (its input: the heads' z)
+    mlp_out: list = field(default_factory=list)  # each MLP's output (down) projection (its input: the neurons)
 
     def final_norm_apply(self, h: torch.Tensor) -> torch.Tensor:
         return self.final_norm(h)
+
+    def out_proj(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention output projection of ``layer`` as W_O [n_heads, head_dim, d_model] and its bias b_O
+        [d_model] or None, so that attn.out = Σ_h z_h W_O[h] + b_O with z = ``blocks.{layer}.attn.z``
+        (Elhage et al. 2021, "A Mathematical Framework for Transformer Circuits": W_O split by head)."""
+        lin = self.attn_out[layer] if layer < len(self.attn_out) else None
+        if lin is None or getattr(lin, "weight", None) is None:
+            raise InterpError(f"{self.family}: no output projection in layer {layer}'s attention "
+                              f"({type(self.attn[layer]).__name__}); per-head attribution needs it")
+        W = _in_out(lin)  # [n_heads·head_dim, d_model]
+        if W.shape[0] != self.n_heads * self.head_dim:
+            raise InterpError(f"{self.family}: the output projection takes {W.shape[0]} inputs, not "
+                              f"n_heads·head_dim = {self.n_heads * self.head_dim}")
+        return W.reshape(self.n_heads, self.head_dim, -1), (lin.bias.detach() if lin.bias is not None else None)
+
+    def down_proj(self, layer: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+        """The MLP output projection of ``layer``: (the module, whose input holds the neurons' activations a;
+        W_down [d_mlp, d_model]; its bias [d_model] or None), so that mlp.out = Σ_n a_n W_down[n] + b."""
+        m = self.mlp_out[layer] if layer < len(self.mlp_out) else None
+        if m is None or getattr(m, "weight", None) is None:
+            raise InterpError(f"{self.family}: no down projection in layer {layer}'s MLP "
+                              f"({type(self.mlp[layer]).__name__}); neuron attribution needs it")
+        return m, _in_out(m), (m.bias.detach() if m.bias is not None else None)
+
+
+def _in_out(proj: nn.Module) -> torch.Tensor:
+    """A projection's weight as [inputs, outputs] (detached): nn.Linear stores [out, in] (y = x Wᵀ + b), GPT-2's
+    Conv1D [in, out] (y = x W + b)."""
+    return (proj.weight.T if isinstance(proj, nn.Linear) else proj.weight).detach()
 
 
 def _text_config(config):
@@ -79,6 +109,7 @@ def _llama_like(model: nn.Module, family: str) -> Adapter:
         attn_norm=[getattr(layer, "input_layernorm", None) for layer in layers],
         mlp_norm=[getattr(layer, "post_attention_layernorm", None) for layer in layers],
         attn_out=[getattr(layer.self_attn, "o_proj", None) for layer in layers],
+        mlp_out=[getattr(layer.mlp, "down_proj", None) for layer in layers],
     )
 
 
@@ -105,6 +136,7 @@ def _gpt2(model: nn.Module, family: str) -> Adapter:
         attn_norm=[b.ln_1 for b in layers],
         mlp_norm=[b.ln_2 for b in layers],
         attn_out=[b.attn.c_proj for b in layers],
+        mlp_out=[b.mlp.c_proj for b in layers],
     )
 
 

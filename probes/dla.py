@@ -41,44 +41,6 @@ _TOL = 1e-4  # relative: the reconstructions below are exact up to float roundin
 
 
 # ------------------------------------------------------------------------------------ weights
-def out_proj(model: interp.Model, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The attention output projection of ``layer`` as W_O [n_heads, head_dim, d_model] (head h writes
-    z_h @ W_O[h]) and its bias [d_model] or None. Read from the attention module (``o_proj``: Llama-like,
-    ``c_proj``: GPT-2); this belongs in the adapter."""
-    attn = model.adapter.attn[layer]
-    H, hd = model.n_heads, model.head_dim
-    if isinstance(getattr(attn, "o_proj", None), nn.Linear):
-        lin = attn.o_proj
-        W = lin.weight.T  # Linear: out = x Wᵀ + b, weight [d, H·hd]
-    elif getattr(attn, "c_proj", None) is not None and getattr(attn.c_proj, "weight", None) is not None:
-        lin = attn.c_proj
-        W = lin.weight  # GPT-2 Conv1D: out = x W + b, weight [H·hd, d]
-    else:
-        raise interp.InterpError(f"{model.name}: no o_proj/c_proj output projection in layer {layer}'s attention "
-                                 f"({type(attn).__name__}); per-head attribution needs it")
-    if W.shape[0] != H * hd:
-        raise interp.InterpError(f"{model.name}: the output projection takes {W.shape[0]} inputs, not "
-                                 f"n_heads·head_dim = {H * hd}")
-    return W.detach().reshape(H, hd, -1), (lin.bias.detach() if lin.bias is not None else None)
-
-
-def down_proj(model: interp.Model, layer: int) -> nn.Module:
-    """The MLP's output projection of ``layer`` (``down_proj``: Llama-like, ``c_proj``: GPT-2): its input
-    holds the neurons' activations."""
-    mlp = model.adapter.mlp[layer]
-    for name in ("down_proj", "c_proj"):
-        m = getattr(mlp, name, None)
-        if m is not None and getattr(m, "weight", None) is not None:
-            return m
-    raise interp.InterpError(f"{model.name}: no down_proj/c_proj in layer {layer}'s MLP ({type(mlp).__name__}); "
-                             "neuron attribution needs it")
-
-
-def _down_weight(m: nn.Module) -> torch.Tensor:
-    """[d_mlp, d_model]: neuron n writes a_n · W[n]."""
-    return (m.weight.T if isinstance(m, nn.Linear) else m.weight).detach()
-
-
 def frozen_norm_readout(model: interp.Model, h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For rows h [n, d] (the full last residual) and directions w [n, d]: u [n, d] and the constant c [n] with
     norm_f(x) · w = x · u + c for every x when norm_f's scale is frozen at its value on h (module docstring).
@@ -164,7 +126,7 @@ class DirectLogitAttribution(Analysis):
                 def fn(mod, args):
                     acts[l] = args[0].detach()[rows, pos]
                 return fn
-            handles = [down_proj(model, l).register_forward_pre_hook(keep(l)) for l in range(L)]
+            handles = [model.adapter.down_proj(l)[0].register_forward_pre_hook(keep(l)) for l in range(L)]
         try:
             tr = interp.capture(model, batch, sites=sites)
         finally:
@@ -192,7 +154,7 @@ class DirectLogitAttribution(Analysis):
         cols.append((embed * u).sum(-1))
         head_mat = torch.zeros(n, L, H, dtype=torch.float64)
         for l in range(L):
-            WO, bO = out_proj(model, l)
+            WO, bO = model.adapter.out_proj(l)
             z = at(f"blocks.{l}.attn.z")  # [n, H, hd]
             per_head = torch.einsum("nhd,hdm->nhm", z, WO.double())  # [n, H, d]
             attn_out = at(f"blocks.{l}.attn.out")
@@ -225,10 +187,9 @@ class DirectLogitAttribution(Analysis):
         if neurons:
             nrows = []
             for l in range(L):
-                Wd = _down_weight(down_proj(model, l)).double()  # [d_mlp, d]
-                contrib = acts[l].double() * (u @ Wd.T)  # [n, d_mlp]
+                _, Wd, bd = model.adapter.down_proj(l)  # [d_mlp, d], [d] or None
+                contrib = acts[l].double() * (u @ Wd.double().T)  # [n, d_mlp]
                 nrows.append(contrib)
-                bd = down_proj(model, l).bias
                 _check(contrib.sum(1) + ((bd.double() * u).sum(-1) if bd is not None else 0),
                        per_prompt[:, names.index(f"L{l} MLP")], f"layer {l}: neurons do not sum to the MLP's contribution",
                        tol)

@@ -49,7 +49,7 @@ from interp import vlm
 from interp.analysis import Analysis
 from interp.finding import Finding, digest
 from interp.prompts import facts
-from probes.dla import _check, out_proj
+from probes.dla import _check
 from viz import interactive as _interactive
 from viz import static as _static
 
@@ -127,7 +127,7 @@ def contributions(model: interp.Model, batch: interp.Batch) -> dict[str, torch.T
         z = at(f"blocks.{l}.attn.z")  # [i, H, hd]
         _check(torch.einsum("hij,jhd->ihd", A, v), z, f"layer {l}: Σ_j A[i,j]·v_j is not the head output z (values "
                "transformed after the projection are not supported)")
-        WO, bO = out_proj(model, l)
+        WO, bO = model.adapter.out_proj(l)
         u = torch.einsum("jhd,hdm->hjm", v, WO.double())  # [H, j, d]: v_j W_O^h
         bias = bO.double() if bO is not None else torch.zeros(u.shape[-1], dtype=torch.float64)
         attn_out = at(f"blocks.{l}.attn.out")

@@ -135,3 +135,37 @@ def test_bad_inputs_are_refused_and_leave_the_model_unchanged():
     with pytest.raises(interp.InterpError, match="normalises sublayer outputs"):
         dla(gemma, {"input_ids": ids}, target=5)
     assert torch.equal(gemma.logits({"input_ids": ids}), before)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])  # nn.Linear ([out, in]) and GPT-2's Conv1D ([in, out])
+def test_adapter_projections_rebuild_the_sublayer_outputs(kind):
+    """adapter.out_proj: attn.out = Σ_h z_h W_O[h] + b_O; adapter.down_proj: mlp.out = Σ_n a_n W_down[n] + b, with
+    z and the neurons a read by hooks on the projection modules themselves and the outputs from their forward."""
+    model = interp.load(tiny_hf(kind), name=f"tiny-{kind}")
+    attn, mlp = model.adapter.attn[1], model.adapter.mlp[1]
+    o = attn.o_proj if kind == "llama" else attn.c_proj
+    d = mlp.down_proj if kind == "llama" else mlp.c_proj
+    seen = {}
+    hs = [m.register_forward_hook(lambda m, a, out, k=k: seen.__setitem__(k, (a[0].detach(), out.detach())))
+          for k, m in (("o", o), ("d", d))]
+    try:
+        with torch.no_grad():
+            model.hf(input_ids=random_ids(7))
+    finally:
+        for h in hs:
+            h.remove()
+    WO, bO = model.adapter.out_proj(1)
+    assert WO.shape == (model.n_heads, model.head_dim, model.d_model) and (bO is None) == (kind == "llama")
+    z, out = seen["o"]
+    got = torch.einsum("bthd,hdm->btm", z.unflatten(-1, (model.n_heads, -1)), WO) + (0 if bO is None else bO)
+    assert (got - out).abs().max() <= 1e-5
+    mod, Wd, bd = model.adapter.down_proj(1)
+    a, out = seen["d"]
+    assert mod is d and Wd.shape == (a.shape[-1], model.d_model)
+    assert ((a @ Wd + (0 if bd is None else bd)) - out).abs().max() <= 1e-5
+    saved, model.adapter.mlp_out[1] = model.adapter.mlp_out[1], None  # a family without one is refused clearly
+    try:
+        with pytest.raises(interp.InterpError, match="no down projection in layer 1"):
+            model.adapter.down_proj(1)
+    finally:
+        model.adapter.mlp_out[1] = saved
