@@ -43,6 +43,12 @@ from viz import interactive as _interactive
 from viz import static as _static
 
 
+def _parts(tr: interp.Trace, name: str) -> list[torch.Tensor]:
+    """The tensors a grad capture kept for ``name`` (one per query chunk), which the forward computed from."""
+    v = tr._values[name]
+    return [v] if isinstance(v, torch.Tensor) else list(v)
+
+
 def _scaling(model: interp.Model, layer: int) -> float:
     return float(getattr(model.adapter.attn[layer], "scaling", model.head_dim ** -0.5))
 
@@ -132,8 +138,12 @@ class AttributionPatching(Analysis):
                 seen[name] = total
                 return g
 
+            # the backward passes stop at the captured tensors they read: no weight gradients (L + 1 passes through
+            # every parameter would dominate the cost and leave .grad on the model)
+            wrt = [p for name in zs + pats for p in _parts(tr_c, name)]
+
             def backward(retain: bool):
-                m.sum().backward(retain_graph=retain)
+                m.sum().backward(retain_graph=retain, inputs=wrt)
                 gz = torch.stack([grad(name)[:, :T] for name in zs], 1)  # [n, L, T, H, d]
                 est = {"z": (dz * gz).sum(-1)}  # [n, L, T, H]
                 if qk:

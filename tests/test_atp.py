@@ -152,6 +152,7 @@ def test_graddrop_and_model_restored():
     ratio = torch.tensor(first.atp_star.values) / torch.tensor(first.atp.abs().values).clamp_min(1e-12)
     assert float(ratio.max() - ratio.min()) > 1e-3
     assert (t.atp_star >= 0).all() and f.metrics["backward_passes"] == 1 + L
+    assert all(p.grad is None for p in model.hf.parameters())  # the backward passes stop at the captured sites
     assert torch.equal(model.logits({"input_ids": clean}), before)
     with pytest.raises(interp.InterpError, match="foil equals"):
         atp(model, {"input_ids": clean}, corrupted={"input_ids": corrupt}, answers=[ANS], foils=[ANS])
