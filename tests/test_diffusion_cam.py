@@ -63,10 +63,13 @@ def test_finding_records_step_and_stays_in_range(testbed):
 
 
 def test_ablation_on_held_out_items(testbed):
+    # 20 held-out scenes (63 items): the separations asserted are wide (on 642 items raw 0.53 and occlusion 0.69
+    # against random 0.06, attribution/RESULTS.md), so their intervals part at this size too (pointing on these
+    # items: raw [0.38, 0.62], occlusion [0.56, 0.78], random [0.02, 0.13]); the full table is attribution/results.py's
     m, tok, meta = testbed
-    f = diffusion_cam_localisation(m, n_scenes=70, n_boot=500)
+    f = diffusion_cam_localisation(m, n_scenes=20, n_boot=500)
     t = f.table.set_index("method")
-    assert f.metrics["n_items"] >= 200 and f.metrics["in_range"]
+    assert f.metrics["n_items"] >= 60 and f.metrics["in_range"]
     assert list(t.index) == ["random", "all_objects", "occlusion", "raw", "+AKD", "+DACG", "+CBA", "+SICD"]
     assert t.loc["raw", "pointing_lo"] > t.loc["random", "pointing_hi"]  # the raw map beats chance
     assert t.loc["occlusion", "pointing_lo"] > t.loc["random", "pointing_hi"]
