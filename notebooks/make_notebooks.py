@@ -81,7 +81,7 @@ write("00_first_steps.ipynb", [
              "    print(f\"p(' Rome') with token 0's residual halved after layer 11: {p(model.logits(b)):.3f}\")"),
     ("md", "## 6. Evaluate on a task, with confidence intervals\n`interp.evaluate` scores a shipped task with and "
            "without the spec (paired bootstrap CI of the difference)."),
-    ("code", "r = interp.evaluate(model, spec, 'capitals', limit=60)\nprint(r.explain())"),
+    ("code", "r = interp.evaluate(model, spec, 'capitals', limit=30)\nprint(r.explain())"),
 ])
 
 
@@ -105,7 +105,7 @@ write("01_sinks_and_massive_activations.ipynb", [
     ("code", "sink.plot()"),
     ("md", "## 3. Massive activations\n|h| > 100 and ≥ 1000 × the layer median. The ablation check sets them to "
            "zero, to their mean, or zeroes as many random dimensions, and reports perplexity."),
-    ("code", "mass = massive(model, paragraphs()[:6])\nprint(mass.summary())\nmass.plot()"),
+    ("code", "mass = massive(model, paragraphs()[:3])\nprint(mass.summary())\nmass.plot()"),
     ("md", "## 4. From finding to intervention\nThe sink heads become a ZeroTuning-style spec (scale token-0 "
            "attention by γ and renormalise); it replays on any prompt because it addresses `role:bos`."),
     ("code", "spec = sink.to_spec(model=model, gamma=0.6)\nprint(spec.to_json()[:400])\n"
@@ -113,7 +113,7 @@ write("01_sinks_and_massive_activations.ipynb", [
              "with interp.patch(model, spec):\n    edited = model.logits(b)[0, -1]\n"
              "print('top-1 without:', model.tokenizer.decode(base.argmax()), ' with:', model.tokenizer.decode(edited.argmax()))\n"
              "print(f'max |Δ logit|: {float((edited - base).abs().max()):.3f}')"),
-    ("code", "result = interp.evaluate(model, spec, 'capitals', limit=60)\nprint(result.explain())"),
+    ("code", "result = interp.evaluate(model, spec, 'capitals', limit=30)\nprint(result.explain())"),
 ])
 
 write("02_vision_heads_and_sinks.ipynb", [
@@ -126,7 +126,7 @@ write("02_vision_heads_and_sinks.ipynb", [
              "from probes import image_attention as ia, visual_sinks as vs, vhd as vhd_mod\nfrom probes.knockout import knockout\n"
              "from interp.tasks import bootstrap_ci\n"
              "hf, tok, meta = load_testbed('llava_ar')\nmodel = interp.load(hf, tokenizer=tok, name='llava_ar')\n"
-             "items = localisation_items(16, seed=0)  # held-out scenes, questions about one object\nmodel, len(items)"),
+             "items = localisation_items(8, seed=0)  # held-out scenes, questions about one object\nmodel, len(items)"),
     ("md", "## 1. Vision-aware heads (VHD, He et al. ACL'25)\nVHD = ‖O^{l,h}(with image) − O^{l,h}(without image)‖ at "
            "the answer position. The testbed was trained so that few heads read the image; over 186 prompts the "
            "paper's sparsity (max/median > 3) holds in all three layers, though only in layer 0 if the median of "
