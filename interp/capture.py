@@ -40,6 +40,7 @@ from .errors import InterpError
 from .roles import Batch
 from .trace import Trace, split_site
 
+DOT_ELEMENTS = 2**20  # the product buffer of Entropy's Σ p·z (4 MiB in fp32)
 ATTN_KINDS = ("attn.q", "attn.k", "attn.logits", "attn.pattern", "attn.z")
 RESID_KINDS = ("resid_pre", "attn.out", "mlp.in", "mlp.out", "resid_post")
 GLOBAL_SITES = ("embed", "final", "logits")
@@ -245,11 +246,11 @@ class Entropy(Reducer):
                 # a half-precision mask (finfo.min plus a negative score) rounds to -inf, and 0 · -inf is NaN
                 z = torch.nan_to_num(z, nan=0.0, neginf=torch.finfo(torch.float32).min)
         if z is not None and call.lse is not None:  # H = log Z − Σ_k p_k z_k, log Z from the kernel
-            H = call.lse.float() - torch.einsum("...k,...k->...", w, z)  # a batched dot: no [b, h, q, k] product
+            H = call.lse.float() - self._dot(w, z)
         elif z is not None:
             # H = log Z − Σ_k p_k z_k with log Z = z_max − log p_max: no log over [b, h, q, k]
             # (softmax is monotonic, so p_max is the weight at z's argmax; two amax passes beat max + gather)
-            H = z.amax(-1) - torch.log(w.amax(-1)) - torch.linalg.vecdot(w, z)
+            H = z.amax(-1) - torch.log(w.amax(-1)) - self._dot(w, z)
         else:
             H = entropy(w)
         self._rows(layer, "H", H, call)
@@ -260,7 +261,26 @@ class Entropy(Reducer):
         if st["owner"]:
             st["nvis"][:, :, call.q_start:call.q_start + call.q_len] = self._visible(call, w).sum(-1, dtype=H.dtype)
 
+    def _dot(self, w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Σ_k w·z along the last axis: the product goes through one buffer reused from chunk to chunk, in
+        blocks of rows of at most ``DOT_ELEMENTS`` (a batched einsum dot runs ~7x slower than multiply and sum,
+        and a fresh [b, h, q, k] product per chunk costs page faults)."""
+        kc = w.shape[-1]
+        w2, z2 = w.reshape(-1, kc), z.reshape(-1, kc)
+        rows = max(1, DOT_ELEMENTS // max(1, kc))
+        n = min(rows, w2.shape[0]) * kc
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.numel() < n or buf.device != w.device:
+            self._buf = buf = torch.empty(n, device=w.device)
+        out = torch.empty(w2.shape[0], device=w.device)
+        for i in range(0, w2.shape[0], rows):
+            j = min(w2.shape[0], i + rows)
+            prod = torch.mul(w2[i:j], z2[i:j], out=buf[:(j - i) * kc].view(j - i, kc))
+            torch.sum(prod, -1, out=out[i:j])
+        return out.view(w.shape[:-1])
+
     def finish(self):
+        self._buf = None
         out = {}
         for l, st in self._state.items():
             H, nvis = st["H"], st["nvis"]

@@ -8,12 +8,17 @@ attention call it asks the active hooks what they need at that layer:
 * nothing, or only an additive logit bias / head-output edits  -> ``scaled_dot_product_attention``
   (the bias rides in the float mask), so an idle engine costs nothing;
 * logits or weights, read only (capture of patterns, reducers; no autograd) -> the output still
-  comes from SDPA, so a capture never changes what the model computes, and the weights the hooks
+  comes from SDPA, so such a capture never changes what the model computes (but see the next case),
+  and the weights the hooks
   read come from the eager formula, in query chunks when the [b, h, q, k] block would be large;
   when every hook takes rows cut at the last visible key (capture does, unless it keeps logits), a
   causal model's chunks stop there, so the masked upper triangle is never computed; for a plain causal
   call on the CPU the engine calls SDPA's flash kernel itself, which gives the same output and each
   row's log-sum-exp (``AttnCall.lse``: entropy then needs no max pass);
+* weights read only and kept by no hook (reducers alone) on a plain causal fp32 call on the CPU -> one
+  pass: each query chunk's weights, computed once in cache-sized blocks, give the hooks their rows and
+  the output (A V), instead of a flash output plus recomputed weights; the output then equals SDPA's up
+  to float rounding (≤ ~1e-6 relative), not bit for bit;
 * logits or weights edited (weight edits), or gradients through the pattern -> the eager formula
   gives the output too, in the same chunks, so memory stays linear in length.
 
@@ -42,6 +47,8 @@ from .errors import InterpError
 
 ATTN_NAME = "interp"
 CHUNK_ELEMENTS = 2**24  # largest [b, h, q_chunk, k] block materialised at once (64 MiB in fp32)
+FUSED_ELEMENTS = 2**21  # largest [b, h, q_chunk, k] block of the fused read-only path (8 MiB in fp32: stays in cache)
+FUSED_ROWS = 256  # and its most query rows (the first chunk computes its upper triangle for nothing)
 CAUSAL_CHUNKS = 8  # query chunks of a read-only causal call: each stops at its last visible key
 BLOCK = -1e9  # logit bias that removes a key (exp underflows to exactly 0 in fp32)
 
@@ -244,14 +251,19 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
     if "qk" in needs:  # from here on attention reads views of the tensors the hooks saw (gradients reach them)
         query, key = _read_qk(hooks, layer, query, key, call_for(0, q_len, None))
 
+    # a plain causal self-attention call on the CPU in fp32 (no padding, cache, bias, dropout or extra terms): the
+    # engine may call SDPA's flash kernel itself, or compute the output in its own chunks (``fused``)
+    plain_causal_cpu = (attention_mask is None and causal and q_len == k_len and q_len > 1 and "bias" not in needs
+                        and query.device.type == "cpu" and query.dtype == torch.float32 and engine is not None
+                        and key.shape[-1] == value.shape[-1] and not (dropout and module.training)
+                        and kwargs.get("position_bias") is None and kwargs.get("s_aux") is None
+                        and kwargs.get("sinks") is None)
+
     def sdpa(want_lse: bool = False):
         """SDPA with the hooks' logit biases in the float mask, then the hooks' head-output edits. Returns
         (output, each row's log-sum-exp [b, h, q] or None). ``want_lse``: for a plain causal call on the CPU,
         call the flash kernel HF's SDPA call runs there: the same output, and the log-sum-exp with it."""
-        if (want_lse and attention_mask is None and causal and q_len == k_len and q_len > 1 and "bias" not in needs
-                and query.device.type == "cpu" and query.dtype == torch.float32 and engine is not None
-                and key.shape[-1] == value.shape[-1] and not (dropout and module.training)
-                and kwargs.get("position_bias") is None):
+        if want_lse and plain_causal_cpu:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 query, key, value, 0.0, True, scale=scaling)
             out = out.transpose(1, 2).contiguous()
@@ -352,11 +364,76 @@ def interp_attention(module: nn.Module, query, key, value, attention_mask, scali
         out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).contiguous() if with_output else None
         return out, weights
 
+    def fused() -> torch.Tensor:
+        """Output and hook calls of a plain causal call from one pass over causal query chunks, for hooks that
+        read the weights and keep nothing (reducers): per chunk Z = scaling · Q Kᵀ up to its last visible key
+        (the query heads of a key/value head stacked into one GEMM), E = exp(Z) (no max shift: a chunk whose row
+        sums leave [1e-30, finfo.max] is redone with the max-shifted softmax), log Z = log Σ_k E, A = E / Σ_k E,
+        output A V. The same formula as eager attention (Vaswani et al. 2017), without the [b, h, q, k] block
+        and without the second Q Kᵀ and exp a flash output plus recomputed weights cost; the output equals
+        SDPA's up to float rounding (not bit for bit). Blocks of ≤ ``FUSED_ELEMENTS`` stay in cache."""
+        kvh, d, dv = key.shape[1], query.shape[-1], value.shape[-1]
+        G, bk = h // kvh, b * kvh
+        qs = (query * scaling).reshape(b, kvh, G, q_len, d)
+        kt = key.reshape(bk, k_len, d).transpose(1, 2)  # [b·kv, d, k]: a view when b = 1
+        vv = value.reshape(bk, k_len, dv)
+        fm = float_mask()  # the hooks' AttnCall.mask (visible keys); the chunks mask their own triangle
+        # chunk rows: r · (q0 + r) · b · h ≤ FUSED_ELEMENTS (narrow early chunks take more rows, ≤ FUSED_ROWS), ≥ 16
+        # (fewer where CHUNK_ELEMENTS asks for it)
+        per = max(1, min(FUSED_ELEMENTS, CHUNK_ELEMENTS) // (b * h))
+        least = max(1, min(16, CHUNK_ELEMENTS // max(1, b * h * k_len)))
+        bounds, q0 = [], 0
+        while q0 < q_len:
+            r = int((-q0 + (q0 * q0 + 4 * per) ** 0.5) / 2)
+            q1 = min(q_len, q0 + max(least, min(r, FUSED_ROWS)))
+            bounds.append((q0, q1))
+            q0 = q1
+        size = max(b * h * (q1 - q0) * q1 for q0, q1 in bounds)
+        z_buf, a_buf = engine.scratch("logits", (size,), query), engine.scratch("weights", (size,), query)
+        keep, drop = _triangle(max(q1 - q0 for q0, q1 in bounds), query.dtype)
+        out = query.new_empty(b, q_len, h, dv)
+        on_logits = [hk for hk in hooks if "logits" in hk.needs(layer)]
+        on_weights = [hk for hk in hooks if "weights" in hk.needs(layer)]
+        for q0, q1 in bounds:
+            r, kc = q1 - q0, q1
+            z = torch.bmm(qs[:, :, :, q0:q1].reshape(bk, G * r, d), kt[:, :, :kc],
+                          out=z_buf[:bk * G * r * kc].view(bk, G * r, kc))
+            # exp before the mask (ATen's exp leaves its vector path for a block that holds masked entries); the
+            # keys after each query are then zeroed in E (× 0; an inf there turns the row sum NaN: the softmax redoes
+            # it) and set to finfo.min in Z (+ finfo.min rounds to it), broadcast ops being ~4x faster than masked_fill
+            a = torch.exp(z, out=a_buf[:z.numel()].view(z.shape))
+            a.view(b * h, r, kc)[:, :, q0:].mul_(keep[:r, :r])
+            z.view(b * h, r, kc)[:, :, q0:].add_(drop[:r, :r])
+            tot = a.sum(-1, keepdim=True)
+            lo, hi = torch.aminmax(tot)
+            if lo.item() >= 1e-30 and hi.item() <= torch.finfo(z.dtype).max:
+                lse = tot.log()
+                a.mul_(tot.reciprocal_())
+            else:  # overflow or underflow of exp(Z): the max-shifted softmax
+                torch.ops.aten._softmax.out(z, -1, False, out=a)
+                lse = torch.logsumexp(z, -1, keepdim=True)
+            o = torch.bmm(a, vv[:, :kc])
+            out[:, q0:q1] = o.view(b, h, r, dv).transpose(1, 2)
+            call = call_for(q0, q1, fm, kc if kc < k_len else None)
+            logits, weights = z.view(b, h, r, kc), a.view(b, h, r, kc)
+            for hk in on_logits:
+                hk.on_logits(layer, logits, call)
+            call.logits, call.lse = logits, lse.view(b, h, r)
+            for hk in on_weights:
+                hk.on_weights(layer, weights, call)
+        return out
+
     keep_weights = kwargs.get("output_attentions", False)
     if not needs & {"logits", "weights"} and softcap is None:
         return sdpa()[0], None
     if softcap is None and not torch.is_grad_enabled() and all(
             getattr(hk, "read_only", False) for hk in hooks if hk.needs(layer) & {"logits", "weights"}):
+        readers = [hk for hk in hooks if hk.needs(layer) & {"logits", "weights"}]
+        if (plain_causal_cpu and "z" not in needs and not keep_weights
+                and not any(_keeps(hk, layer) for hk in readers)
+                and all(getattr(hk, "accepts_visible_prefix", lambda _: False)(layer) for hk in readers)):
+            # the hooks read the weights and keep nothing: one pass gives them and the output
+            return fused(), None
         # The hooks only read logits/weights: the output comes from the same SDPA call as an idle engine
         # (so a capture never changes what the model computes); the weights, for the hooks, from the
         # eager formula. Under autograd the eager output is used, so gradients reach the weights.
@@ -379,6 +456,14 @@ def _mask_of(causal: bool, q_len: int, k_len: int, q_offset: int, dtype, device)
         kpos = torch.arange(k_len, device=device)[None, :]
         m = m.masked_fill(kpos > qpos, torch.finfo(dtype).min)
     return m[None, None]
+
+
+@functools.lru_cache(maxsize=4)
+def _triangle(n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, n] factor (1 on and below the diagonal, else 0) and additive mask (0, else finfo.min) of a square
+    block of queries and keys at the same positions."""
+    above = torch.ones(n, n, dtype=torch.bool).triu(1)
+    return (~above).to(dtype), torch.zeros(n, n, dtype=dtype).masked_fill(above, torch.finfo(dtype).min)
 
 
 def _keeps(hook, layer: int) -> set[str]:

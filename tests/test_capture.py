@@ -218,6 +218,75 @@ def test_unpadded_reducer_capture_reads_the_kernels_log_sum_exp(smol):
         assert (tr[f"blocks.{l}.attn.entropy_norm"][..., 1:] - H / torch.log(torch.arange(2, n + 1).double())).abs().max() <= 1e-5, l
 
 
+def test_unpadded_reducer_only_capture_computes_output_and_weights_in_one_pass(smol, monkeypatch):
+    """Reducers alone on an unpadded causal prompt: the engine computes each chunk's weights once and takes the
+    output from them (A V, no flash kernel): the reducers still equal the statistics of HF eager's patterns and the
+    logits equal the idle model's up to float rounding. Small blocks make several chunks, each stopping at its
+    last visible key."""
+    from interp import engine
+    monkeypatch.setattr(engine, "FUSED_ELEMENTS", 9 * 16 * 40)
+    chunks = []
+
+    class Spy(KeyMass):
+        def update(self, layer, weights, call):
+            if layer == 0:
+                chunks.append((call.q_start, call.q_len, weights.shape[-1], call.lse is not None,
+                               float((weights.sum(-1) - 1).abs().max())))
+            super().update(layer, weights, call)
+
+    batch = smol.encode("The quick brown fox jumps over the lazy dog, " * 6)
+    T = batch.input_ids.shape[1]
+    with torch.no_grad():
+        idle = copy.deepcopy(smol.hf)(**batch.model_inputs()).logits
+        ref = hf_eager(smol)(**batch.model_inputs(), output_attentions=True).attentions
+    tr = interp.capture(smol, batch, sites="logits", reducers=[Spy(), Entropy(), TopK(3), RoleMass("bos"), QueryRow()])
+    assert len(chunks) >= 3 and sum(c[1] for c in chunks) == T
+    for q0, n, width, has_lse, err in chunks:
+        assert width == q0 + n and has_lse and err <= 1e-5  # rows cut at the last visible key, normalised
+    scale = idle.abs().max()
+    assert 0 < (tr["logits"] - idle).abs().max() <= 1e-5 * scale  # its own rounding, not SDPA's bits
+    for l in range(smol.n_layers):
+        a = ref[l].double()
+        H = -(a * a.clamp_min(1e-300).log()).sum(-1)
+        assert (tr[f"blocks.{l}.attn.entropy"] - H).abs().max() <= 2e-5, l  # HF eager's own logit rounding
+        mass = a.sum(2)
+        assert ((tr[f"blocks.{l}.attn.key_mass"] - mass).abs() / mass.clamp_min(1)).max() <= 1e-5, l
+        assert (tr[f"blocks.{l}.attn.key_mean"] - mass / torch.arange(T, 0, -1)).abs().max() <= 1e-5, l
+        assert (tr[f"blocks.{l}.attn.topk_val"] - a.topk(3, dim=-1).values).abs().max() <= 1e-5, l
+        assert (tr[f"blocks.{l}.attn.role_mass.bos"] - a[..., 0]).abs().max() <= 1e-5, l
+        assert (tr[f"blocks.{l}.attn.query_row"] - a[:, :, T - 1]).abs().max() <= 1e-5, l
+
+
+def test_one_pass_attention_redoes_rows_whose_exp_overflows_or_underflows(smol):
+    """exp(Z) without a max shift would overflow (logits ~ 100) or vanish (every logit of a row −200): such
+    chunks take the max-shifted softmax; output and reducers equal a float64 reference."""
+    from interp.capture import _CaptureHook
+    from interp.engine import interp_attention
+    T, g = 40, torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 1000, (1, T), generator=g)
+    batch = smol.encode({"input_ids": ids})
+    k = torch.randn(1, 3, T, 64, generator=g)
+    v = torch.randn(1, 3, T, 64, generator=g)
+    big = torch.randn(1, 9, T, 64, generator=g) * 30  # z ~ N(0, 30²) at scale 1/8: up to ~100
+    flat = -200 * 8 / 64 * torch.ones(1, 9, T, 64)  # with every key = 1: each logit −200, uniform weights
+    for q, kk in ((big, k), (flat, torch.ones_like(k))):
+        rs = [KeyMass(), Entropy()]
+        for r in rs:
+            r.start(batch)
+        with torch.no_grad(), smol.engine.running(batch), smol.engine.using(_CaptureHook([], rs, False)):
+            out, _ = interp_attention(smol.adapter.attn[0], q, kk, v, None, scaling=0.125)
+        got = {n: t for r in rs for n, t in r.finish().items()}
+        z = q.double() @ kk.repeat_interleave(3, 1).double().transpose(2, 3) * 0.125
+        assert z.abs().max() > 89  # exp(z) leaves the float32 range
+        A = torch.softmax(z.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")), -1)
+        want = (A @ v.repeat_interleave(3, 1).double()).transpose(1, 2)
+        assert (out.double() - want).abs().max() <= 1e-4 * max(1.0, z.abs().max().item() / 100)
+        mass = A.sum(2)
+        assert ((got["blocks.0.attn.key_mass"] - mass).abs() / mass.clamp_min(1)).max() <= 1e-4
+        H = -(A * A.clamp_min(1e-300).log()).sum(-1)
+        assert (got["blocks.0.attn.entropy"] - H).abs().max() <= 1e-4
+
+
 def test_reducers_chunked_equal_unchunked(smol, monkeypatch):
     from interp import engine
     batch = smol.encode(PROMPT)
