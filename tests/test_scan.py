@@ -8,7 +8,7 @@ from interp.cli import main
 from interp.prompts import paragraphs
 
 
-def test_scan_writes_report_that_renders(tmp_path):
+def test_scan_writes_report_that_renders(tmp_path, smol):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(paragraphs()[:3]))
     out = tmp_path / "out"
@@ -20,9 +20,8 @@ def test_scan_writes_report_that_renders(tmp_path):
     assert (out / "specs" / "sinks.json").exists() and (out / "specs" / "massive.json").exists()
     # every exported spec replays and `interp evaluate` reports its effect on a shipped task
     import interp
-    m = interp.load("smollm2")
     for path in sorted((out / "specs").glob("*.json")):
-        res = interp.evaluate(m, interp.Spec.load(path), "capitals", limit=24)
+        res = interp.evaluate(smol, interp.Spec.load(path), "capitals", limit=24)
         lo, hi = res.metrics["delta_ci"]
         assert res.metrics["n"] == 24 and lo <= res.metrics["delta"] <= hi
         assert main(["evaluate", str(path), "capitals", "--limit", "8"]) == 0
@@ -36,11 +35,9 @@ def test_scan_writes_report_that_renders(tmp_path):
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
 
-def test_replay_cli_on_a_scan_spec(tmp_path, capsys):
-    import interp
+def test_replay_cli_on_a_scan_spec(tmp_path, capsys, smol):
     from probes.sinks import sinks
-    m = interp.load("smollm2")
-    spec = sinks(m, paragraphs()[:2], progress=False).to_spec(model=m)
+    spec = sinks(smol, paragraphs()[:2], progress=False).to_spec(model=smol)
     path = spec.save(tmp_path / "s.json")
     assert main(["replay", str(path), "--prompt", "The capital of France is", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
