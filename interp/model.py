@@ -13,6 +13,7 @@ one is checked against the lock file first), so later loads skip the slow conver
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -386,8 +387,14 @@ def assemble_vlm(folder: Path, dtype: torch.dtype = torch.float32, lm: nn.Module
         raise InterpError(f"{folder} holds {VISION_WEIGHTS} but its testbed.json names no 'language_model' "
                           "(the base LM to assemble the VLM with, e.g. 'smollm2')")
     tok = None
+    state = load_file(str(folder / VISION_WEIGHTS))
+    lora = {k: state.pop(k) for k in [k for k in state if k.endswith((".lora_A", ".lora_B"))]}
     if lm is None:
         lm, tok, _, _ = _from_path_or_id(base, dtype)
+    elif lora:
+        lm = copy.deepcopy(lm)  # the merge below must not change the caller's model
+    if lora:
+        _merge_lora(lm, lora, meta.get("lora"), folder)
     config = AutoConfig.from_pretrained(folder)
     config.text_config = lm.config
     with torch.device("meta"):  # no memory for the LM's own copy; the vision part is rebuilt for real below
@@ -396,7 +403,6 @@ def assemble_vlm(folder: Path, dtype: torch.dtype = torch.float32, lm: nn.Module
     hf.lm_head = lm.lm_head
     hf.model.vision_tower = AutoModel.from_config(config.vision_config)  # real buffers (CLIP's position ids)
     hf.model.multi_modal_projector = type(hf.model.multi_modal_projector)(config)
-    state = load_file(str(folder / VISION_WEIGHTS))
     own = {k: v for k, v in hf.state_dict().items() if not k.startswith(("model.language_model.", "lm_head."))}
     if set(state) != set(own):
         raise InterpError(f"{folder / VISION_WEIGHTS} does not match config.json: missing "
@@ -406,6 +412,29 @@ def assemble_vlm(folder: Path, dtype: torch.dtype = torch.float32, lm: nn.Module
     hf.config.tie_word_embeddings = lm.config.tie_word_embeddings
     hf.config._name_or_path = str(folder)  # where testbed.json is found (interp.testbed.items.testbed_meta)
     return hf.eval(), tok
+
+
+def _merge_lora(lm: nn.Module, lora: dict[str, torch.Tensor], spec: dict | None, folder: Path) -> None:
+    """``W <- W + (alpha / rank) * B @ A`` for every ``<module>.lora_A`` / ``<module>.lora_B`` pair (Hu et al. 2021,
+    LoRA), computed in fp32 and cast back to the weight's dtype; ``<module>`` is named as in the VLM
+    (``model.language_model.layers.{i}.self_attn.q_proj``), ``alpha`` and ``rank`` come from testbed.json's ``"lora"``."""
+    if not spec or "alpha" not in spec or "rank" not in spec:
+        raise InterpError(f"{folder / VISION_WEIGHTS} holds LoRA factors but testbed.json has no "
+                          "'lora': {'rank': r, 'alpha': a} to scale them")
+    scale = float(spec["alpha"]) / int(spec["rank"])
+    names = sorted({k.rsplit(".", 1)[0] for k in lora})
+    for name in names:
+        a, b = lora.get(name + ".lora_A"), lora.get(name + ".lora_B")
+        if a is None or b is None or a.shape[0] != int(spec["rank"]) or b.shape[1] != a.shape[0]:
+            raise InterpError(f"LoRA factors of {name} in {folder / VISION_WEIGHTS} are incomplete or not of rank "
+                              f"{spec['rank']}")
+        target = name.removeprefix("model.language_model.")
+        w = lm.model.get_submodule(target).weight
+        if tuple(w.shape) != (b.shape[0], a.shape[1]):
+            raise InterpError(f"LoRA factors of {name} are {tuple(b.shape)} x {tuple(a.shape)}; the weight is "
+                              f"{tuple(w.shape)}")
+        with torch.no_grad():
+            w.copy_((w.float() + scale * (b.float() @ a.float())).to(w.dtype))
 
 
 class _NotCached(Exception):

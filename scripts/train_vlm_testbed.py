@@ -40,6 +40,7 @@ from interp.testbed.smol import (IMAGE_MEAN, IMAGE_STD, N_SMOL_IMAGE_TOKENS, SMO
                                  build_config, build_meta)
 
 STAGE1_SCALE = 10.0
+LORA_TARGETS = ("q_proj", "v_proj")
 
 
 def build_model(seed: int):
@@ -63,13 +64,38 @@ def build_model(seed: int):
     return model, tok
 
 
+class LoRALinear(torch.nn.Module):
+    """``base(x) + (alpha / r) * x A^T B^T`` with ``A`` [r, in] (Gaussian, std 1/sqrt(in)) and ``B`` [out, r] (zeros,
+    so training starts from the frozen LM exactly); ``interp.model.assemble_vlm`` merges ``W + (alpha/r) B A``."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.lora_A = torch.nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+
+
+def add_lora(model, rank: int, alpha: float, targets: tuple[str, ...]) -> None:
+    """Wrap ``targets`` (e.g. q_proj, v_proj) of every LM layer in :class:`LoRALinear` (the LM's own weights stay frozen)."""
+    for layer in model.model.language_model.layers:
+        for t in targets:
+            setattr(layer.self_attn, t, LoRALinear(getattr(layer.self_attn, t), rank, alpha))
+
+
 def vision_params(model) -> list[torch.nn.Parameter]:
-    return list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    lora = [p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
+    return list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters()) + lora
 
 
 def vision_state(model) -> dict:
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items()
-            if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
+    """The trained tensors: vision tower, projector and (when used) the LoRA factors, keyed by the LM module they
+    adapt (``model.language_model.layers.{i}.self_attn.q_proj.lora_A``)."""
+    return {k.replace(".base.", "."): v.detach().contiguous() for k, v in model.state_dict().items()
+            if k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) or k.endswith((".lora_A", ".lora_B"))}
 
 
 def pixel_values(scenes) -> torch.Tensor:
@@ -254,7 +280,7 @@ def sample_questions(scenes, rng: random.Random):
 def train(out: str | None, seed: int = 0, stage1_steps: int = 1500, stage1_batch: int = 64, stage1_lr: float = 2e-3,
           steps: int = 300, batch_size: int = 8, lr: float = 1e-3, warmup: int = 20, eval_every: int = 100,
           eval_n: int = 40, test_n: int = 300, threads: int = 1, time_only: int = 0, stage1_target: str = "patch",
-          log=print) -> dict:
+          lora_rank: int = 0, lora_alpha: float = 16.0, schedule: str = "cosine", log=print) -> dict:
     from interp.testbed import evaluate_accuracy
 
     torch.set_num_threads(threads)
@@ -271,9 +297,11 @@ def train(out: str | None, seed: int = 0, stage1_steps: int = 1500, stage1_batch
     log(f"smol_llava: trained params {n_train}, stage1 {stage1_steps}x{stage1_batch}, stage2 {steps}x{batch_size}",
         flush=True)
     if time_only:
+        if lora_rank:
+            add_lora(model, lora_rank, lora_alpha, LORA_TARGETS)
         rng = random.Random(seed)
         params = vision_params(model)
-        opt = torch.optim.AdamW(params, lr=lr)
+        opt = torch.optim.AdamW(vision_params(model), lr=lr)
         for i in range(time_only):
             t0 = time.time()
             scenes = [make_scene(scene_seed(i * batch_size + j, seed, "train")) for j in range(batch_size)]
@@ -295,7 +323,15 @@ def train(out: str | None, seed: int = 0, stage1_steps: int = 1500, stage1_batch
     val = make_dataset(eval_n, seed=seed, split="val")
     acc = evaluate_accuracy(model, tok, meta, val)
     log(f"[stage1 done] val {json.dumps({k: round(v, 3) for k, v in acc.items() if k != 'n'})}", flush=True)
+    if lora_rank:
+        torch.manual_seed(seed + 2)
+        add_lora(model, lora_rank, lora_alpha, LORA_TARGETS)
+        meta["language_model_training"] = (f"LoRA rank {lora_rank} (alpha {lora_alpha}) on {', '.join(LORA_TARGETS)} of "
+                                           "every layer, merged into the GGUF weights at load time; no other LM "
+                                           "weight is trained")
+        meta["lora"] = {"rank": lora_rank, "alpha": lora_alpha, "targets": list(LORA_TARGETS)}
     params = vision_params(model)
+    n_train = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed + 1)
     t2 = time.time()
@@ -303,7 +339,8 @@ def train(out: str | None, seed: int = 0, stage1_steps: int = 1500, stage1_batch
         scenes = [make_scene(scene_seed(step * batch_size + j, seed, "train")) for j in range(batch_size)]
         batch = encode_batch(tok, meta, scenes, sample_questions(scenes, rng))
         loss = stage2_loss(model, batch)
-        lr_t = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        decay = 1.0 if schedule == "constant" else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        lr_t = lr * min(1.0, (step + 1) / warmup) * decay
         for g in opt.param_groups:
             g["lr"] = lr_t
         opt.zero_grad()
@@ -325,7 +362,8 @@ def train(out: str | None, seed: int = 0, stage1_steps: int = 1500, stage1_batch
         "command": "python " + " ".join(sys.argv),
         "seed": seed, "stage1_target": stage1_target, "stage1_steps": stage1_steps, "stage1_batch": stage1_batch, "stage1_lr": stage1_lr,
         "steps": steps, "batch_size": batch_size, "lr": lr, "threads": threads,
-        "n_trained_params": n_train, "lm": "frozen",
+        "n_trained_params": n_train, "lm": (f"LoRA rank {lora_rank}" if lora_rank else "frozen"),
+        "lora_rank": lora_rank, "lora_alpha": lora_alpha, "schedule": schedule,
         "stage1_wall_time_s": round(stage1_s, 1), "stage2_wall_time_s": round(stage2_s, 1),
         "train_wall_time_s": round(train_s, 1), "torch": torch.__version__,
     }
@@ -421,6 +459,11 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-n", type=int, default=40, help="validation scenes")
     ap.add_argument("--test-n", type=int, default=300, help="held-out test scenes evaluated at the end")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: bit-for-bit deterministic)")
+    ap.add_argument("--lora-rank", type=int, default=0, help="stage 2: LoRA rank on q_proj/v_proj of every LM layer "
+                    "(0: the LM stays frozen)")
+    ap.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (scale = alpha / rank)")
+    ap.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                    help="stage-2 learning rate after warm-up (constant: a run stopped at step k equals --steps k)")
     ap.add_argument("--time", type=int, default=0, help="only time N instruction steps and 20 alignment steps")
     ap.add_argument("--eval-part", nargs=3, metavar=("START", "N", "OUT"), default=None,
                     help="only evaluate --out on test scenes START..START+N-1, counts to the json file OUT")
@@ -435,7 +478,8 @@ def main(argv=None) -> None:
         return
     train(a.out, seed=a.seed, stage1_steps=a.stage1_steps, stage1_batch=a.stage1_batch, stage1_lr=a.stage1_lr,
           steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every, eval_n=a.eval_n,
-          test_n=a.test_n, threads=a.threads, time_only=a.time, stage1_target=a.stage1_target)
+          test_n=a.test_n, threads=a.threads, time_only=a.time, stage1_target=a.stage1_target,
+          lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, schedule=a.schedule)
 
 
 if __name__ == "__main__":

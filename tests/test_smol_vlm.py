@@ -31,7 +31,7 @@ def smol_lm():
 def test_folder_holds_only_the_vision_part():
     files = sorted(p.name for p in FOLDER.iterdir())
     assert files == ["config.json", "testbed.json", "vision.safetensors"]
-    assert (FOLDER / "vision.safetensors").stat().st_size < 5_000_000
+    assert (FOLDER / "vision.safetensors").stat().st_size < 8_000_000
     meta = json.loads((FOLDER / "testbed.json").read_text())
     assert meta["language_model"] == "smollm2" and meta["n_image_tokens"] == 16
     assert set(meta["training"]["test_accuracy"]) >= {"colour", "exist", "count", "where", "caption", "overall"}
@@ -42,30 +42,57 @@ def test_committed_weights_load(vlm):
     model, tok, meta = vlm
     state = load_file(str(FOLDER / "vision.safetensors"))
     own = model.state_dict()
-    assert state and all(k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for k in state)
-    for k, v in state.items():
+    vision = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
+    assert vision and all(k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for k in vision)
+    for k, v in vision.items():
         assert torch.equal(own[k], v), k
     assert model.config.image_token_index == meta["image_token_id"] == tok.convert_tokens_to_ids("<filename>")
     assert len(tok) == model.config.text_config.vocab_size == 49152  # the vocabulary is not resized
 
 
-def test_text_only_equals_smollm2(vlm, smol_lm):
-    model, tok, _ = vlm
+def test_language_model_is_smollm2_plus_the_merged_lora(vlm, smol_lm):
+    """Every LM weight is SmolLM2's, except the LoRA-adapted projections, which are W + (alpha/r) B A computed here
+    from the committed factors; on text the VLM then equals SmolLM2 carrying those weights, logit for logit."""
+    from safetensors.torch import load_file
+    model, tok, meta = vlm
+    lora = {k: v for k, v in load_file(str(FOLDER / "vision.safetensors")).items() if k.endswith((".lora_A", ".lora_B"))}
+    spec = meta.get("lora")
+    assert bool(lora) == bool(spec)
+    expected = {k: v.clone() for k, v in smol_lm.hf.state_dict().items()}
+    for name in {k.rsplit(".", 1)[0] for k in lora}:
+        a, b = lora[name + ".lora_A"], lora[name + ".lora_B"]
+        assert a.shape[0] == b.shape[1] == spec["rank"]
+        key = name.replace("model.language_model.", "model.") + ".weight"
+        expected[key] = expected[key] + (spec["alpha"] / spec["rank"]) * (b @ a)
+    changed = 0
+    for k, v in model.model.language_model.state_dict().items():
+        torch.testing.assert_close(v, expected["model." + k], rtol=0, atol=1e-6)
+        changed += int(not torch.equal(v, smol_lm.hf.state_dict()["model." + k]))
+    assert changed == len(lora) // 2  # exactly the adapted projections differ from SmolLM2
+    assert torch.equal(model.lm_head.weight, expected["lm_head.weight"])
     ids = tok("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n", return_tensors="pt")["input_ids"]
     assert not (ids == model.config.image_token_index).any()
+    import copy
+    ref_lm = copy.deepcopy(smol_lm.hf)
+    ref_lm.load_state_dict(expected)
     model.set_attn_implementation("sdpa")
     try:
         with torch.no_grad():
             got = model(input_ids=ids).logits
-            ref = smol_lm.hf(input_ids=ids).logits
+            ref = ref_lm(input_ids=ids).logits
     finally:
         model.set_attn_implementation("eager")
-    assert torch.equal(got, ref)
-    # the LM weights are SmolLM2's, parameter for parameter (the tied head included)
-    lm_state = smol_lm.hf.state_dict()
-    for k, v in model.model.language_model.state_dict().items():
-        assert torch.equal(v, lm_state["model." + k]), k
-    assert torch.equal(model.lm_head.weight, lm_state["lm_head.weight"])
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+
+
+def test_assembling_leaves_a_given_lm_untouched(smol_lm):
+    """assemble_vlm(lm=...) reuses a loaded SmolLM2: the LoRA merge goes into a copy, never into the caller's model."""
+    from interp.model import assemble_vlm
+    before = {k: v.clone() for k, v in smol_lm.hf.state_dict().items()}
+    hf, _ = assemble_vlm(FOLDER, lm=smol_lm.hf)
+    for k, v in smol_lm.hf.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert hf.model.vision_tower is not None
 
 
 def test_image_features_at_image_tokens(vlm):
