@@ -293,7 +293,7 @@ def testbed_batches(tokenizer, meta: dict, items: Sequence, batch_size: int = 64
 def item_maps(model: interp.Model, items: Sequence[vlm.VQAItem], batch_size: int = 64, **kw) -> dict[str, torch.Tensor]:
     """:func:`cam_maps` for every VQAItem, target = every token of its answer (the first only with
     ``first_token=True``); [N, L, n]."""
-    items = vlm.as_items(items)
+    items = vlm.as_items(items, model)
     first = kw.pop("first_token", False)
     tgt = vlm.answer_token_ids(model, items)
     tgt = [a[:1] if first else a for a in tgt]
@@ -322,7 +322,7 @@ class CamLocalisation(Analysis):
         if inputs is None:
             from interp.testbed.items import default_items
             inputs = default_items(model, n_scenes, seed=seed)
-        items = vlm.as_items(inputs)
+        items = vlm.as_items(inputs, model)
         if not all(it.has_target for it in items):
             raise interp.InterpError("every item needs boxes or a mask of the answer's object to score maps")
         r = item_maps(model, items, **kw)

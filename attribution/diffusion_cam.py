@@ -310,7 +310,7 @@ class DiffusionCamLocalisation(Analysis):
         if inputs is None:
             from interp.testbed.items import default_items
             inputs = default_items(model, n_scenes, seed=seed)
-        items = vlm.as_items(inputs)
+        items = vlm.as_items(inputs, model)
         if not all(it.has_target for it in items):
             raise interp.InterpError("every item needs boxes or a mask of the answer's object to score maps")
         gen_len = gen_len or items[0].gen_len

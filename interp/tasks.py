@@ -291,7 +291,7 @@ def score_items(task: Task | str | Path, model, logits_fn: LogitsFn | None = Non
 
     if task.kind == "vqa":
         from .vlm import as_items, score_vqa
-        items = as_items(task.items)
+        items = as_items(task.items, model)
         return score_vqa(model, items, logprob=[it.meta.get("score") == "logprob" for it in items],
                          batch_size=max(batch_size, 64))
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, field, replace
 
 import pandas as pd
@@ -180,7 +181,7 @@ def _find(seq: list[int], sub: list[int]) -> int:
 def encode_vqa(model, items: Sequence[VQAItem], *, gen_len: int | None = None) -> Batch:
     """A right-padded Batch of the items' prompts with ``pixel_values`` and the roles of the module docstring.
     ``gen_len`` (masked-diffusion models) overrides each item's ``gen_len``."""
-    items = as_items(items)
+    items = as_items(items, model)
     ad, tok = model.adapter, model.tokenizer
     if ad.image_token_id is None:
         raise InterpError(f"{model.name} takes no images (no image token): VQA items need a vision-language model")
@@ -238,31 +239,32 @@ def encode_vqa(model, items: Sequence[VQAItem], *, gen_len: int | None = None) -
     return Batch(input_ids, mask, roles, tokens, [it.prompt for it in items], {"pixel_values": px})
 
 
-ITEM_SOURCES: dict[str, Callable[[dict], VQAItem]] = {}
+ITEM_SOURCES: dict[str, Callable[[dict, Any], VQAItem]] = {}
 
 
-def register_item_source(key: str, make: Callable[[dict], VQAItem]) -> None:
-    """Task items (dicts) that carry the field ``key`` are turned into VQAItems by ``make`` (the testbed registers
-    ``scene_seed`` when imported)."""
+def register_item_source(key: str, make: Callable[[dict, Any], VQAItem]) -> None:
+    """Task items (dicts) that carry the field ``key`` are turned into VQAItems by ``make(item, model)`` (the
+    testbed registers ``scene_seed`` when imported; ``model`` is the model the item is for, or None, so that the
+    item is written in that model's prompt template and image size)."""
     ITEM_SOURCES[key] = make
 
 
-def item_from_dict(d: dict) -> VQAItem:
-    """A VQA task item (a JSON object) as a VQAItem, by the registered source whose field it carries."""
+def item_from_dict(d: dict, model=None) -> VQAItem:
+    """A VQA task item (a JSON object) as a VQAItem for ``model``, by the registered source whose field it carries."""
     for key, make in ITEM_SOURCES.items():
         if key in d:
-            return make(d)
+            return make(d, model)
     raise InterpError(f"a vqa item needs an image: none of the registered item sources' fields "
                       f"({', '.join(ITEM_SOURCES) or 'none registered'}) is in {sorted(d)}. Give the task VQAItem "
                       "objects (Task(name, 'vqa', [interp.vlm.VQAItem(...), ...])), or import the source (e.g. "
                       "interp.testbed for scene_seed items)")
 
 
-def as_items(items) -> list[VQAItem]:
-    """A list of VQAItems; anything else is refused with what to give."""
+def as_items(items, model=None) -> list[VQAItem]:
+    """A list of VQAItems (task dicts made for ``model``); anything else is refused with what to give."""
     if isinstance(items, VQAItem):
         return [items]
-    items = [item_from_dict(x) if isinstance(x, dict) else x for x in items]
+    items = [item_from_dict(x, model) if isinstance(x, dict) else x for x in items]
     bad = [type(x).__name__ for x in items if not isinstance(x, VQAItem)]
     if bad or not items:
         raise InterpError(f"expected a non-empty list of interp.vlm.VQAItem, got {bad[:3] or 'nothing'}; the testbed "
@@ -289,7 +291,7 @@ def answer_token_ids(model, items: Sequence[VQAItem]) -> list[list[int]]:
     """The tokens of each item's answer, as they follow its prompt."""
     tok = model.tokenizer
     out = []
-    for it in as_items(items):
+    for it in as_items(items, model):
         sep = "" if it.prompt[-1:].isspace() or it.answer[:1].isspace() else " "
         p = list(tok(it.prompt, add_special_tokens=True)["input_ids"])
         full = list(tok(it.prompt + sep + it.answer, add_special_tokens=True)["input_ids"])
@@ -311,7 +313,7 @@ def score_vqa(model, items: Sequence[VQAItem], *, logprob: bool | Sequence[bool]
               batch_size: int = 128) -> list[float]:
     """Per item: 1/0 whether the argmax at the ``query`` position is the answer's first token, or (``logprob``)
     log p(answer's first token) there."""
-    items = as_items(items)
+    items = as_items(items, model)
     logits = answer_logits(model, encode_vqa(model, items, gen_len=gen_len), batch_size)
     y = answer_ids(model, items)
     correct = (logits.argmax(-1) == y).float()
@@ -345,7 +347,7 @@ def occlusion_maps(model, items: Sequence[VQAItem], *, fill: Sequence[float] | N
     """float [N, n]: the drop of the answer's first-token logit at the ``query`` position when each patch alone
     is filled (:meth:`VQAItem.occluded`); n + 1 forwards per item."""
     from tqdm.auto import tqdm
-    items = as_items(items)
+    items = as_items(items, model)
     n = _n_patches(model, items, gen_len)
     g = _grid(n)
     y = answer_ids(model, items)
@@ -405,7 +407,7 @@ def localisation_table(maps: Mapping[str, torch.Tensor], masks: torch.Tensor, **
 def reference_maps(model, items: Sequence[VQAItem], *, occlusion: bool = True, seed: int = 0,
                    gen_len: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(target masks [N, n], {"random", "all_objects"[, "occlusion"]: [N, n]}) for scoring maps of ``items``."""
-    items = as_items(items)
+    items = as_items(items, model)
     n = _n_patches(model, items, gen_len)
     refs = {"random": random_maps(len(items), n, seed), "all_objects": all_objects_maps(items, n)}
     if occlusion:

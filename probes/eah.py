@@ -50,7 +50,7 @@ class EAH(Analysis):
         if inputs is None:
             from interp.testbed.items import default_items
             inputs = default_items(model)
-        items = vlm.as_items(inputs)
+        items = vlm.as_items(inputs, model)
         L, H = model.n_layers, model.n_heads
         layer = min(2, L // 3) if layer is None else int(layer)
         if not 0 <= layer < L:

@@ -47,7 +47,7 @@ def _items(model: interp.Model, inputs) -> list[vlm.VQAItem]:
     if inputs is None:
         from interp.testbed.items import default_items
         inputs = default_items(model, 8)
-    return vlm.as_items(inputs)
+    return vlm.as_items(inputs, model)
 
 
 def _step_patterns(model: interp.Model, item: vlm.VQAItem, gen_len: int, steps: int) -> tuple[Roles, list, list]:

@@ -51,7 +51,7 @@ class Entropy(Analysis):
         if vision and prompts is None and is_testbed(model):
             prompts = default_items(model)
         if vision and _are_items(prompts):  # image prompts, whole (image tokens are not cut)
-            batch = vlm.encode_vqa(model, vlm.as_items(prompts))
+            batch = vlm.encode_vqa(model, vlm.as_items(prompts, model))
             ids, am = batch.input_ids, batch.attention_mask
             inputs = batch
         else:

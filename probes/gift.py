@@ -81,7 +81,7 @@ def _items(model, inputs) -> list[vlm.VQAItem]:
     if inputs is None:
         from interp.testbed.items import default_items
         return default_items(model)
-    items = vlm.as_items(inputs)
+    items = vlm.as_items(inputs, model)
     bad = [k for k, it in enumerate(items) if not it.question]
     if bad:
         raise interp.InterpError(f"items {bad[:5]} have no question: GIFT reads the gaze shift over the question's "
@@ -195,7 +195,7 @@ def evaluate_items(model: interp.Model, task: Task | str = "testbed_vqa", *, lim
     if not 1 <= chunk <= 64:
         raise interp.InterpError(f"chunk must be in 1..64 (one VQA batch), got {chunk}")
     task = task if isinstance(task, Task) else load_task(task)
-    items = vlm.as_items(task.items[:limit] if limit else task.items)
+    items = vlm.as_items(task.items[:limit] if limit else task.items, model)
     f = gift.run(model, items, layers=layers, alpha=alpha, top=top)
     base, edited = [], []
     for a in range(0, len(items), chunk):

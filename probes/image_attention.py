@@ -56,7 +56,7 @@ def vqa_items(model: interp.Model, inputs) -> list[vlm.VQAItem]:
     if isinstance(inputs, list) and inputs and isinstance(inputs[0], tuple):  # the testbed's (scene, question) pairs
         from interp.testbed.items import as_vqa_items, testbed_meta
         inputs = as_vqa_items(inputs, testbed_meta(model))
-    return vlm.as_items(inputs)
+    return vlm.as_items(inputs, model)
 
 
 def _items(model, inputs) -> list[vlm.VQAItem]:

@@ -37,18 +37,6 @@ def main(argv: list[str] | None = None) -> None:
     items = task.items[:a.limit] if a.limit else task.items
     acc = Task(task.name, "vqa", items, task.path)
     lp = Task(task.name + "_logprob", "vqa", [{**it, "score": "logprob"} for it in items], task.path)
-    if a.model != "llava_ar":  # the task's scenes and questions in this model's prompt template and patch grid
-        from interp.testbed.items import testbed_meta, vqa_item
-        from interp.testbed.scenes import Question, make_scene
-        tm = testbed_meta(m)
-
-        def conv(d: dict, score: str | None):
-            it = vqa_item(make_scene(int(d["scene_seed"])), Question(d.get("qtype", "vqa"), d["question"], d["answer"],
-                                                                     None), tm)
-            it.meta["score"] = score
-            return it
-        acc = Task(task.name, "vqa", [conv(d, None) for d in items], task.path)
-        lp = Task(task.name + "_logprob", "vqa", [conv(d, "logprob") for d in items], task.path)
     t = time.time()
     fp = pai(m)
     fv = vista(m)

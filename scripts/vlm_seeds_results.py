@@ -42,18 +42,7 @@ def main() -> None:
     task = load_task("testbed_vqa")
     if a.limit:
         task = Task(task.name, task.kind, task.items[:a.limit], task.path)
-    if a.model != "llava_ar":  # the task's scenes and questions in this model's prompt template and patch grid
-        from interp.testbed.items import testbed_meta, vqa_item
-        from interp.testbed.scenes import Question, make_scene
-        tm = testbed_meta(model)
-        items = []
-        for d in task.items:
-            it = vqa_item(make_scene(int(d["scene_seed"])), Question(d.get("qtype", "vqa"), d["question"], d["answer"],
-                                                                     None), tm)
-            it.meta["score"] = "logprob" if a.logprob else None
-            items.append(it)
-        task = Task(task.name, task.kind, items, task.path)
-    elif a.logprob:
+    if a.logprob:  # task items follow the model (its prompt template and patch grid)
         task = Task(task.name, task.kind, [{**it, "score": "logprob"} for it in task.items], task.path)
     only = set(a.only.split(","))
     print(f"{a.model}: {model.n_layers} layers x {model.n_heads} heads; task {task.name} n = {len(task.items)}", flush=True)

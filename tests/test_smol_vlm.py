@@ -153,3 +153,21 @@ def test_scan_picks_the_vision_analyses(vlm):
     items = default_items(model, n_scenes=2)
     f = analysis.REGISTRY["probes.visual_sinks"].run(model, items)
     assert f.metrics["n_prompts"] == len(items) and len(f.metrics["image_sinks_per_prompt_by_layer"]) == 30
+
+
+def test_task_items_follow_the_model(vlm):
+    """A `testbed_vqa` task item (a JSON object with a scene seed) becomes a VQAItem in the prompt template and patch
+    grid of the model it is scored on: smol_llava's chat markup with 16 image tokens, not llava_ar's 64."""
+    import interp
+    from interp import vlm as vlm_mod
+    from interp.tasks import load_task
+    model, tok, meta = vlm
+    m = interp.load(model, tokenizer=tok, name="smol_llava")
+    d = load_task("testbed_vqa").items[0]
+    it = vlm_mod.as_items([d], m)[0]
+    assert it.prompt.startswith("<|im_start|>user\n") and it.prompt.count(meta["image_token"]) == 16
+    assert d["question"] in it.prompt and it.prompt.endswith("<|im_start|>assistant\n")
+    default = vlm_mod.as_items([d])[0]  # no model: the default testbed's template
+    assert default.prompt != it.prompt and default.prompt.count(meta["image_token"]) == 0
+    b = vlm_mod.encode_vqa(m, [d])
+    assert int((b.input_ids[0] == meta["image_token_id"]).sum()) == 16

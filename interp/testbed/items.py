@@ -84,10 +84,13 @@ def as_vqa_items(pairs, meta: dict | None = None) -> list[VQAItem]:
     return [p if isinstance(p, VQAItem) else vqa_item(p[0], p[1], meta) for p in pairs]
 
 
-def _from_dict(d: dict) -> VQAItem:
-    """A task item ``{"scene_seed", "question", "answer"[, "qtype"]}`` as a VQAItem (registered with interp.vlm)."""
+def _from_dict(d: dict, model=None) -> VQAItem:
+    """A task item ``{"scene_seed", "question", "answer"[, "qtype"]}`` as a VQAItem (registered with interp.vlm),
+    written in the prompt template and patch grid of ``model`` when it is a testbed (e.g. ``smol_llava``'s chat
+    markup and 16 image tokens), else in the default testbed's."""
     q = Question(d.get("qtype", "vqa"), d["question"], d["answer"], None)
-    item = vqa_item(make_scene(int(d["scene_seed"])), q)
+    meta = testbed_meta(model) if model is not None and is_testbed(model) else None
+    item = vqa_item(make_scene(int(d["scene_seed"])), q, meta)
     item.meta["score"] = d.get("score")
     return item
 
