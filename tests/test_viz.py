@@ -278,3 +278,15 @@ def test_screenshot_reports_console_errors(tmp_path):
     assert any("boom" in e for e in errors) and any("undefinedFunction" in e for e in errors)
     assert not any("all-good" in e for e in errors)
     assert (tmp_path / "bad.png").stat().st_size > 0
+
+
+def test_knockout_that_kept_no_item_draws_a_card():
+    """A knockout whose items the model all got wrong has an empty table: both backends draw the generic card
+    (which says "empty table") instead of failing."""
+    import matplotlib.pyplot as plt
+    f = _f("probes.knockout", pd.DataFrame(columns=["layer", "edge", "delta_pct", "sem"]), params={"window": 5})
+    fig = viz.plot(f)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert any("empty table" in t for t in texts), texts
+    plt.close(fig)
+    assert viz.plot(f, interactive=True) is not None

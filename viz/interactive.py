@@ -352,7 +352,7 @@ def logit_lens(finding, max_cols: int = 20, **kw) -> go.Figure:
 
 def knockout(finding, **kw) -> go.Figure:
     df = table(finding)
-    if not has(df, "layer", "delta_pct"):
+    if not has(df, "layer", "delta_pct") or df.empty:  # no item kept: the generic card says so
         return generic(finding, **kw)
     d = df.copy()
     d["edge"] = d["edge"].astype(str) if "edge" in d.columns else "knockout"

@@ -756,7 +756,7 @@ def knockout_xlabel(finding) -> str:
 def knockout(finding, **kw) -> Figure:
     """Δ% of the target after knocking out each edge, per layer (one curve per edge; ±std band)."""
     df = table(finding)
-    if not has(df, "layer", "delta_pct"):
+    if not has(df, "layer", "delta_pct") or df.empty:  # no item kept: the generic card says so
         return generic.__wrapped__(finding, **kw)
     fig, (ax,) = new_fig(1, (5.6, 3.6))
     d = df.copy()

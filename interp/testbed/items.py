@@ -112,7 +112,7 @@ def answer_logits(model, batch: Batch, chunk: int = 128) -> torch.Tensor:
 
 def answer_ids(model, items: list) -> torch.Tensor:
     """long [n]: the token id of each answer's first word."""
-    return vlm.answer_ids(model, as_vqa_items(items))
+    return vlm.answer_ids(model, as_vqa_items(items, testbed_meta(model)))
 
 
 def vqa_items(n_scenes: int, *, seed: int = 3, split: str = "test", qtypes=None) -> list[dict]:
