@@ -224,6 +224,7 @@ def test_unpadded_reducer_only_capture_computes_output_and_weights_in_one_pass(s
     logits equal the idle model's up to float rounding. Small blocks make several chunks, each stopping at its
     last visible key."""
     from interp import engine
+    monkeypatch.setattr(engine, "FUSED_READ_ONLY", True)  # opt-in
     monkeypatch.setattr(engine, "FUSED_ELEMENTS", 9 * 16 * 40)
     chunks = []
 
@@ -257,9 +258,11 @@ def test_unpadded_reducer_only_capture_computes_output_and_weights_in_one_pass(s
         assert (tr[f"blocks.{l}.attn.query_row"] - a[:, :, T - 1]).abs().max() <= 1e-5, l
 
 
-def test_one_pass_attention_redoes_rows_whose_exp_overflows_or_underflows(smol):
+def test_one_pass_attention_redoes_rows_whose_exp_overflows_or_underflows(smol, monkeypatch):
     """exp(Z) without a max shift would overflow (logits ~ 100) or vanish (every logit of a row −200): such
     chunks take the max-shifted softmax; output and reducers equal a float64 reference."""
+    from interp import engine
+    monkeypatch.setattr(engine, "FUSED_READ_ONLY", True)  # opt-in
     from interp.capture import _CaptureHook
     from interp.engine import interp_attention
     T, g = 40, torch.Generator().manual_seed(0)
