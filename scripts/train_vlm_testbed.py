@@ -1,21 +1,25 @@
-"""Train ``smol_llava``: a CLIP-style vision tower + LLaVA projector on the frozen embedded SmolLM2-135M-Instruct.
+"""Train ``smol_llava``: a CLIP-style vision tower + LLaVA projector on the embedded SmolLM2-135M-Instruct (LoRA).
 
-    python scripts/train_vlm_testbed.py --out interp/testbed/checkpoints/smol_llava --seed 0
-    # held-out accuracy in parts run side by side (test scenes 0..299), then summed into testbed.json
-    for s in 0 75 150 225; do python scripts/train_vlm_testbed.py --out interp/testbed/checkpoints/smol_llava \
-        --eval-part $s 75 /tmp/part$s.json & done; wait
+    # the committed weights (interp/testbed/TRAINING.md)
+    python scripts/train_vlm_testbed.py --out interp/testbed/checkpoints/smol_llava --seed 0 --stage1-target words \
+        --stage1-steps 500 --stage1-batch 32 --steps 1100 --batch-size 8 --lr 1e-3 --schedule constant \
+        --lora-rank 8 --eval-every 100 --eval-n 30 --test-n 0 --threads 1
+    # held-out accuracy in parts run side by side (test scenes 0..199), then summed into testbed.json
+    for s in 0 100; do python scripts/train_vlm_testbed.py --out interp/testbed/checkpoints/smol_llava \
+        --eval-part $s 100 /tmp/part$s.json & done; wait
     python scripts/train_vlm_testbed.py --out interp/testbed/checkpoints/smol_llava --merge /tmp/part*.json
 
-Recipe (LLaVA's two stages; CPU, 1 thread for bit-for-bit determinism; the LM is frozen throughout):
+Recipe (LLaVA's two stages; CPU, 1 thread for bit-for-bit determinism; SmolLM2's own weights stay frozen):
 
 1. Alignment, no LM forward or backward. Every projected patch token f_k (576-d) is scored against SmolLM2's input
    embeddings E of the words describing its 8x8-pixel patch: cross-entropy of ``s * cos(f_k, E[w])`` over the
    colour words (+ " black" for background), the shape words (+ " black"), " top"/" bottom" and " left"/" right"
    (the patch's quadrant), s = 10, plus ``(|f_k| / mean|E| - 1)^2`` so the tokens live at the embeddings' scale.
    The label of a patch is the object with most foreground pixels in it (background if none).
-2. Instruction tuning through the frozen LM: one question per scene (uniform over colour / exist / count /
+2. Instruction tuning through the LM: one question per scene (uniform over colour / exist / count /
    where / caption, all answerable objects), next-token cross-entropy on the answer tokens and ``<|im_end|>``;
-   gradients reach only the vision tower and the projector.
+   gradients reach the vision tower, the projector and (``--lora-rank r``) rank-r LoRA factors on ``q_proj`` and
+   ``v_proj`` of every LM layer (without LoRA a frozen SmolLM2 learns the answer format but not the image).
 
 Only ``vision.safetensors`` (tower + projector), ``config.json`` and ``testbed.json`` are written; the LM is the
 embedded GGUF at load time (``interp.model.assemble_vlm``).

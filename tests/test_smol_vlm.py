@@ -1,9 +1,9 @@
 """smol_llava: the LLaVA testbed on the embedded SmolLM2-135M-Instruct (interp/testbed/smol.py).
 
-The assembled model is SmolLM2 on text, holds exactly the committed vision weights, inserts the projected patch
-features at the image-token positions as HF's own forward does, answers in the trained one-word format (at
-near-chance accuracy: it does not read the image well, see interp/testbed/TRAINING.md), and ``interp scan`` picks
-its vision analyses, which run on it."""
+The assembled model is SmolLM2 plus the committed LoRA merge on text, holds exactly the committed vision weights,
+inserts the projected patch features at the image-token positions as HF's own forward does, answers in the trained
+one-word format and above chance (interp/testbed/TRAINING.md), and ``interp scan`` picks its vision analyses, which
+run on it."""
 from __future__ import annotations
 
 import json
@@ -121,9 +121,8 @@ def test_image_features_at_image_tokens(vlm):
 
 def test_answers_in_the_trained_format(vlm):
     """Greedy decoding until <|im_end|> gives one answer of the question's type (a colour word, yes/no, a count
-    word, a quadrant word, "<colour> <shape>"), where SmolLM2 alone answers in sentences. The committed model does
-    NOT read the image well: its held-out accuracy is near chance (testbed.json, interp/testbed/TRAINING.md), so
-    this checks the format it learned, not accuracy."""
+    word, a quadrant word, "<colour> <shape>"), where SmolLM2 alone answers in sentences; and the recorded held-out
+    accuracy is far above chance (overall chance is about 0.26), which these few scenes confirm."""
     from interp.testbed.vocab import COLOURS, COUNT_WORDS, SHAPES, WHERE_WORDS
     model, tok, meta = vlm
     valid = {"colour": set(COLOURS), "exist": {"yes", "no"}, "count": set(COUNT_WORDS), "where": set(WHERE_WORDS),
@@ -135,7 +134,8 @@ def test_answers_in_the_trained_format(vlm):
     ok = [p in valid[q.qtype] for _, q, p in preds]
     assert sum(ok) / len(ok) >= 0.9, [(q.text, p) for _, q, p in preds]
     recorded = json.loads((FOLDER / "testbed.json").read_text())["training"]["test_accuracy"]
-    assert 0.0 <= recorded["overall"] <= 1.0 and sum(recorded["n"].values()) >= 500
+    assert recorded["overall"] >= 0.5 and sum(recorded["n"].values()) >= 500
+    assert sum(p == q.answer for _, q, p in preds) / len(preds) >= 0.4
 
 
 def test_scan_picks_the_vision_analyses(vlm):

@@ -1,10 +1,11 @@
 """``smol_llava``: a LLaVA-style VLM on the embedded SmolLM2-135M-Instruct, for the synthetic scenes.
 
-* Language model: SmolLM2-135M-Instruct exactly as ``interp.load("smollm2")`` gives it (the dequantised GGUF,
-  sha256-checked), **frozen**: not one of its weights is trained, so on text-only input the VLM is SmolLM2.
+* Language model: SmolLM2-135M-Instruct as ``interp.load("smollm2")`` gives it (the dequantised GGUF,
+  sha256-checked), lightly tuned: its weights stay frozen and rank-8 LoRA factors on ``q_proj``/``v_proj`` of every
+  layer are trained and merged at load time (``testbed.json``'s ``"lora"``).
 * Vision: a 2-layer CLIP vision tower (32x32 image, 8x8-pixel patches -> a 4x4 grid of 16 patch tokens, CLS
-  dropped) and LLaVA's 2-layer GELU projector to SmolLM2's 576-d input space. Only these are trained and
-  committed (``vision.safetensors``); :func:`interp.model.assemble_vlm` puts the model together at load time.
+  dropped) and LLaVA's 2-layer GELU projector to SmolLM2's 576-d input space. These and the LoRA factors are
+  the trained, committed part (``vision.safetensors``); :func:`interp.model.assemble_vlm` puts the model together at load time.
 * Image token: SmolLM2's existing special token ``<filename>`` (id 6, unused in chat) is ``image_token_index``;
   the vocabulary is not resized.
 * Prompt: SmolLM2's ChatML markup without the chat template's default system turn (one user turn, then the
