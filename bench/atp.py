@@ -10,7 +10,8 @@ and after it. Spearman ρ of AtP with c (signed) and of |AtP| and AtP* (GradDrop
 Cost, in units of one plain forward + backward of the model on the clean prompts (``model.logits(...,
 grad=True)``, backward of the metric): AtP (z nodes: a grad capture of every layer's z, a corrupted forward),
 AtP with the QK fix (patterns captured with their gradient: eager attention), AtP* (QK fix + GradDrop: L − 1
-more backward passes). Timed round-robin, median of ``--repeats``. Target: AtP ≤ 3; AtP* ρ ≥ 0.8.
+more backward passes). Timed round-robin, median of ``--repeats``. Target: AtP ≤ 3; AtP* ρ ≥ 0.8. The exact
+sweep's throughput (cells per second) is set against one plain forward per cell (the loop it replaces).
 
     .venv/bin/python bench/atp.py [--pairs 5 --repeats 3 --threads 2]
 """
@@ -50,12 +51,13 @@ def main() -> None:
     tok = model.tokenizer
 
     # --- accuracy, pair by pair ---------------------------------------------------------------------
-    rows, allc, alla, alls = [], [], [], []
+    rows, allc, alla, alls, sweeps = [], [], [], [], []
     for c, r, a, f in zip(clean, corrupt, answers, foils):
         t0 = time.perf_counter()
         ex = patching(model, c, corrupted=r, answers=a, foils=f, sites=["heads"], head_positions="each",
                       direction="noise", batch_size=64)
         t_exact = time.perf_counter() - t0
+        sweeps.append((c, len(ex.table), t_exact))
         est = atp(model, c, corrupted=r, answers=a, foils=f, qk=False, graddrop=not args.no_graddrop)
         e = ex.table.sort_values(["layer", "head", "position"]).reset_index(drop=True)
         z = est.table[est.table.node == "z"].sort_values(["layer", "head", "position"]).reset_index(drop=True)
@@ -81,6 +83,22 @@ def main() -> None:
     print(table(["pair", "nodes", "rho AtP", "rho |AtP|", "rho AtP*", "top exact / AtP", "exact s"], rows))
     print("\n(nodes at and after the corrupted token; rho AtP*: GradDrop magnitude vs |exact|; target >= 0.8)\n",
           flush=True)
+
+    # --- the exact sweep's throughput against one forward per cell -----------------------------------------
+    one = []
+    for _ in range(max(5, args.repeats)):
+        for c, _, _ in sweeps:
+            b1 = model.encode(c)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.logits(b1)
+            one.append(time.perf_counter() - t0)
+    t_one = median(one)
+    thr = [[c.split()[-2], str(n), f"{t:.1f}", f"{n / t:.1f}", f"{1 / t_one:.1f}", f"{(n / t) * t_one:.2f}"]
+           for c, n, t in sweeps]
+    print(table(["sweep (heads x positions)", "cells", "s", "cells/s", "forwards/s", "x one forward per cell"], thr))
+    print("\n(forwards/s: one unpatched forward of the clean prompt, median; the sweep patches 64 cells per batched "
+          "forward;\n x > 1: faster than a loop of one forward per cell could be)\n", flush=True)
 
     # --- cost ----------------------------------------------------------------------------------------
     batch = model.encode(clean)
